@@ -1,0 +1,1 @@
+"""Samplers: UCGM-S, baseline ODE/SDE solvers and guidance wrappers."""

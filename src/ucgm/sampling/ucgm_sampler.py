@@ -1,0 +1,139 @@
+"""UCGM-S: the unified sampler (Sun, Jiang, Lin 2025), usable with any ucgm transport and any model.
+
+Grid ``t_0 > t_1 > ... > t_N = 0`` (:func:`ucgm.timegrids.kumaraswamy_grid`). At step i, with
+``(x_hat, z_hat)`` the network's data and noise predictions at ``(x_i, t_i)``:
+
+* extrapolation (kappa, from the third step on): ``p <- p + kappa (p - p_prev)`` for both predictions,
+  ``p_prev`` being the previous step's raw prediction;
+* step: ``x_{i+1} = gamma(t_{i+1}) x_hat + alpha(t_{i+1}) (sqrt(1 - rho) z_hat + sqrt(rho) eps)``,
+  eps ~ N(0, I) (rho = 0: deterministic DDIM-type step; rho = 1: consistency-style "denoise, re-noise");
+* order 2 (all intervals but the last): a second call at ``(x_{i+1}, t_{i+1})`` gives ``z_hat'`` and
+  ``x_{i+1} = gamma(t_{i+1}) / gamma(t_i) x_i + (alpha(t_{i+1}) - gamma(t_{i+1}) alpha(t_i) / gamma(t_i)) (z_hat + z_hat') / 2``.
+
+The sample is the data prediction of the last first-order call. The state is kept in float64, the network is
+called in the dtype of the initial noise; no state survives between calls.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..timegrids import kumaraswamy_grid
+from ..transports import Transport
+from ..validation import check_batch, check_choice, check_finite, check_positive_int, check_range
+from .result import SampleResult
+
+STOCHASTICITY_SCHEDULES = ("sde", "auto")
+
+#: Official UCGM sampler argument names and their ucgm equivalents.
+OFFICIAL_SAMPLER_NAMES = {
+    "sampling_steps": "steps", "stochast_ratio": "stochasticity", "extrapol_ratio": "extrapolation",
+    "sampling_order": "order", "time_dist_ctrl": "time_warp", "rfba_gap_steps": "gaps",
+    "cfg_scale": "cfg_scale", "cfg_interval": "cfg_interval",
+}
+
+
+def sampler_kwargs_from_official(official: dict) -> dict:
+    """Translate official ``uni_sample`` arguments into :func:`ucgm_sample` keyword arguments."""
+    unknown = sorted(set(official) - set(OFFICIAL_SAMPLER_NAMES))
+    if unknown:
+        raise ValueError(f"unknown official sampler arguments {unknown}; allowed: {sorted(OFFICIAL_SAMPLER_NAMES)}")
+    return {OFFICIAL_SAMPLER_NAMES[key]: value for key, value in official.items()}
+
+
+def _first_step_sde_ratio(transport: Transport, t_cur: Tensor, t_next: Tensor) -> Tensor:
+    """``rho = clamp(|t' - t| * 2 alpha(t) / alpha(t')^2, 0, 1)``: the SDE-matching ratio of the first interval
+    (reused for every later step, as the official sampler does)."""
+    return torch.clamp((t_next - t_cur).abs() * 2 * transport.alpha(t_cur) / transport.alpha(t_next) ** 2, 0, 1)
+
+
+def ucgm_sample(
+    model: Callable,
+    transport: Transport,
+    noise: Tensor,
+    labels: Optional[Tensor] = None,
+    steps: int = 40,
+    stochasticity: float | str = 0.0,
+    extrapolation: float = 0.0,
+    order: int = 1,
+    time_warp: Sequence[float] = (1.0, 1.0, 1.0),
+    gaps: Sequence[float] = (0.001, 0.001),
+    cfg_scale: Optional[float] = None,
+    cfg_interval: Optional[Sequence[float]] = None,
+    generator: Optional[torch.Generator] = None,
+    return_trajectory: bool = False,
+) -> SampleResult:
+    """Sample with UCGM-S.
+
+    ``steps``: sampling steps (order 2 uses ``ceil(steps / 2)`` intervals); ``stochasticity`` rho in [0, 1] or
+    ``"sde"``; ``extrapolation`` kappa >= 0; ``time_warp`` the Kumaraswamy ``(a, b, c)``; ``gaps`` the boundary
+    gaps ``(g0, g1)``; ``cfg_scale`` / ``cfg_interval`` classifier-free guidance on the network time.
+    Returns the sample, the states at the grid times (with the sample last) when ``return_trajectory``, and
+    the number of network calls.
+    """
+    check_positive_int("steps", steps)
+    check_choice("order", order, (1, 2))
+    check_finite("noise", noise)
+    check_batch("labels", labels, noise.shape[0])
+    if isinstance(stochasticity, str):
+        check_choice("stochasticity", stochasticity.lower(), STOCHASTICITY_SCHEDULES)
+    else:
+        check_range("stochasticity", stochasticity, 0.0, 1.0)
+    check_range("extrapolation", extrapolation, 0.0, math.inf)
+    if len(time_warp) != 3 or min(time_warp) <= 0:
+        raise ValueError(f"time_warp={tuple(time_warp)!r} must be three positive numbers (a, b, c)")
+    if len(gaps) != 2 or not (0 <= gaps[0] < 1 and 0 <= gaps[1] < 1 and gaps[0] + gaps[1] < 1):
+        raise ValueError(f"gaps={tuple(gaps)!r} must be (g0, g1) with 0 <= g0, g1 and g0 + g1 < 1")
+    if cfg_scale is not None:
+        from .guidance import ClassifierFreeGuidance
+
+        model = ClassifierFreeGuidance(model, cfg_scale, cfg_interval)
+
+    intervals = (steps + 1) // 2 if order == 2 else steps
+    times = kumaraswamy_grid(intervals, time_warp, gaps, dtype=noise.dtype).to(noise.device)
+    # The official loop treats the appended 0 as a grid point when g1 == 0: no correction is skipped then.
+    corrected_intervals = intervals if float(gaps[1]) == 0.0 else intervals - 1
+    network_dtype = noise.dtype
+    state = noise.to(torch.float64)
+    trajectory = [noise] if return_trajectory else None
+    previous_data = previous_noise = sample = None
+    ratio: Tensor | float = stochasticity
+    nfe = 0
+
+    def predict(x: Tensor, t: Tensor):
+        nonlocal nfe
+        nfe += 1
+        t_network = t.to(network_dtype).expand(x.shape[0])
+        prediction = transport.predict(model, x.to(network_dtype), t_network, labels)
+        return prediction.data.to(torch.float64), prediction.noise.to(torch.float64), prediction.data
+
+    for i in range(intervals):
+        t_cur, t_next = times[i], times[i + 1]
+        data_hat, noise_hat, sample = predict(state, t_cur)
+        if extrapolation > 0:
+            raw_data, raw_noise = data_hat, noise_hat
+            if i >= 2:
+                data_hat = data_hat + extrapolation * (data_hat - previous_data)
+                noise_hat = noise_hat + extrapolation * (noise_hat - previous_noise)
+            previous_data, previous_noise = raw_data, raw_noise
+        if isinstance(ratio, str):
+            ratio = _first_step_sde_ratio(transport, t_cur, t_next)
+        fresh = 0.0
+        if not (isinstance(ratio, float) and ratio == 0.0):
+            fresh = torch.randn(state.shape, generator=generator, dtype=torch.float64).to(state.device)
+        next_state = transport.gamma(t_next) * data_hat + transport.alpha(t_next) * (
+            noise_hat * (1 - ratio) ** 0.5 + fresh * ratio**0.5)
+        if order == 2 and i < corrected_intervals:
+            _, corrector_noise, _ = predict(next_state, t_next)
+            gamma_cur, gamma_next = transport.gamma(t_cur), transport.gamma(t_next)
+            noise_weight = transport.alpha(t_next) - gamma_next * transport.alpha(t_cur) / gamma_cur
+            next_state = state * gamma_next / gamma_cur + noise_weight * (0.5 * noise_hat + 0.5 * corrector_noise)
+        state = next_state
+        if trajectory is not None:
+            trajectory.append(state.to(network_dtype) if i < intervals - 1 else sample)
+    stacked = torch.stack(trajectory) if trajectory is not None else None
+    return SampleResult(sample, stacked, nfe)

@@ -1,0 +1,64 @@
+"""Time grids for samplers, in ucgm's convention (t = 1 noise first, ending at t = 0 data)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .transports import Path
+from .validation import check_positive_int
+
+
+def kumaraswamy(u: Tensor, a: float, b: float, c: float) -> Tensor:
+    """Kumaraswamy-type warp ``K(u) = (1 - (1 - u^a)^b)^c`` of [0, 1] onto itself."""
+    return (1 - (1 - u**a) ** b) ** c
+
+
+def kumaraswamy_grid(
+    intervals: int,
+    warp: Sequence[float] = (1.0, 1.0, 1.0),
+    gaps: Sequence[float] = (0.0, 0.0),
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """UCGM-S grid of ``intervals + 1`` times from noise to 0.
+
+    With gaps ``(g0, g1)``: ``u`` is ``intervals`` evenly spaced points from ``g0`` to ``1 - g1`` (when
+    ``g1 == 0``: ``intervals + 1`` points from ``g0`` to 1, the last dropped); the times are ``1 - K(u)``
+    followed by 0. Gaps ``(0, 0)`` with the identity warp give ``1, 1 - 1/n, ..., 1/n, 0``. ``u`` is spaced in
+    float64 and the warp is evaluated in ``dtype`` (the official sampler evaluates it in the noise dtype).
+    """
+    check_positive_int("intervals", intervals)
+    start_gap, end_gap = float(gaps[0]), float(gaps[1])
+    if end_gap == 0.0:
+        u = torch.linspace(start_gap, 1.0, intervals + 1, dtype=torch.float64)[:-1]
+    else:
+        u = torch.linspace(start_gap, 1.0 - end_gap, intervals, dtype=torch.float64)
+    u = u.to(dtype)
+    times = 1 - kumaraswamy(u, *warp)
+    return torch.cat([times, torch.zeros(1, dtype=dtype)])
+
+
+def uniform_grid(steps: int, t_max: float = 1.0, t_min: float = 0.0, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``steps + 1`` evenly spaced times from ``t_max`` down to ``t_min``."""
+    check_positive_int("steps", steps)
+    return torch.linspace(t_max, t_min, steps + 1, dtype=dtype)
+
+
+def karras_grid(
+    steps: int,
+    path: Path,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """EDM's grid ``sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`` over the
+    noise-to-signal ratio ``sigma = alpha/gamma``, mapped to the path's time, followed by 0."""
+    check_positive_int("steps", steps)
+    i = torch.arange(steps, dtype=dtype)
+    denominator = max(steps - 1, 1)
+    sigmas = (sigma_max ** (1 / rho) + i / denominator * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    times = path.time_for_ratio(sigmas).clamp(0.0, 1.0)
+    return torch.cat([times, torch.zeros(1, dtype=dtype)])

@@ -1,0 +1,44 @@
+"""Input checks that turn bad input into a ``ValueError`` naming the problem and the allowed values."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+
+def check_choice(name: str, value, allowed: Iterable) -> None:
+    """Raise unless ``value`` is one of ``allowed``."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def check_range(name: str, value: float, low: float, high: float) -> None:
+    """Raise unless ``low <= value <= high`` (and finite)."""
+    if not isinstance(value, (int, float)) or not (low <= value <= high):
+        raise ValueError(f"{name}={value!r} is outside the allowed range [{low}, {high}]")
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def check_finite(name: str, tensor: Optional[Tensor]) -> None:
+    """Raise if a floating tensor holds NaN or Inf."""
+    if tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contains NaN or Inf values; all values must be finite")
+
+
+def check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}; they must match")
+
+
+def check_batch(name: str, tensor: Optional[Tensor], batch_size: int) -> None:
+    """Raise unless ``tensor`` (labels, times) has one entry per sample."""
+    if tensor is not None and (tensor.ndim == 0 or tensor.shape[0] != batch_size):
+        shape = tuple(tensor.shape)
+        raise ValueError(f"{name} has shape {shape}; expected a leading batch dimension of {batch_size}")
