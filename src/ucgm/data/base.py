@@ -62,8 +62,8 @@ def _as_float_or_list(value: Union[Number, Tensor]) -> Union[float, list[float]]
     if isinstance(value, Tensor):
         value = value.tolist()
     if isinstance(value, (list, tuple)):
-        return [float(item) for item in value]
-    return float(value)
+        return [float(item) + 0.0 for item in value]  # + 0.0 turns -0.0 into 0.0
+    return float(value) + 0.0
 
 
 def _as_list(value: Union[float, list[float]]) -> list[float]:
@@ -115,18 +115,19 @@ class FiniteDataset(Dataset):
         """The samples at ``indices`` (a 1-D long tensor)."""
         raise NotImplementedError
 
-    def sample_batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Optional[Tensor]]:
+    def draw_indices(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """``batch_size`` uniform random indices (CPU long tensor) drawn with ``generator``."""
         check_positive_int("batch_size", batch_size)
-        indices = torch.randint(len(self), (batch_size,), generator=generator, device=generator.device)
-        return self.batch(indices.cpu())
+        return torch.randint(len(self), (batch_size,), generator=generator, device=generator.device).cpu()
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Optional[Tensor]]:
+        return self.batch(self.draw_indices(batch_size, generator))
 
 
 class TensorDataset(FiniteDataset):
     """A finite dataset held in memory as normalised float32 tensors."""
 
-    def __init__(
-        self, data: Tensor, labels: Optional[Tensor], num_classes: int, normaliser: AffineNormalisation
-    ):
+    def __init__(self, data: Tensor, labels: Optional[Tensor], num_classes: int, normaliser: AffineNormalisation):
         if labels is not None and labels.shape != (data.shape[0],):
             raise ValueError(
                 f"labels have shape {tuple(labels.shape)} but there are {data.shape[0]} samples; "

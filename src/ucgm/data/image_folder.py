@@ -29,14 +29,16 @@ class ImageFolderDataset(FiniteDataset):
     ``image_size``: ``None`` (keep sizes; all must match), an int (square) or ``(height, width)``.
     """
 
-    def __init__(self, root: Union[str, Path], image_size: Optional[Union[int, Sequence[int]]] = None, mode: str = "RGB"):
+    def __init__(
+        self, root: Union[str, Path], image_size: Optional[Union[int, Sequence[int]]] = None, mode: str = "RGB"
+    ):
         check_choice("mode", mode, IMAGE_MODES)
+        self.target_size = _parse_size(image_size)
         self.root = Path(root)
         self.mode = mode
         self.class_names, self.files, labels = _scan_class_folders(self.root)
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.num_classes = len(self.class_names)
-        self.target_size = _parse_size(image_size)
         height, width = self.target_size or _common_size(self.files)
         self.shape = (3 if mode == "RGB" else 1, height, width)
         self.normaliser = PIXEL_NORMALISATION

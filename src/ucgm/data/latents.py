@@ -85,9 +85,7 @@ def _read_safetensors(path: Path) -> tuple[Tensor, Optional[Tensor]]:
     tensors = load_file(str(path))
     unknown = sorted(set(tensors) - {"latents", "labels"})
     if "latents" not in tensors or unknown:
-        raise ValueError(
-            f"{str(path)!r} holds keys {sorted(tensors)}; expected 'latents' and optionally 'labels'"
-        )
+        raise ValueError(f"{str(path)!r} holds keys {sorted(tensors)}; expected 'latents' and optionally 'labels'")
     return tensors["latents"], tensors.get("labels")
 
 

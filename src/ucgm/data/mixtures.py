@@ -12,8 +12,10 @@ responsibilities ``r_k(x_t)`` (posterior component probabilities) and ``d_k = x_
 * ``grad log p_t(x_t) = -sum_k r_k d_k / v_k``,
 * ``log p_t(x_t) = logsumexp_k (log w_k + log N(x_t; gamma mu_k, v_k I))``.
 
-All of it is computed in float64 and returned in the dtype of the query points. Query points may be ``(B, D)``
-or any ``(B, *shape)`` with ``prod(shape) = D`` (e.g. ``(B, 2, 1, 1)`` images of 2-D points).
+All of it is computed in float64 and returned in the dtype of the query points, which may be ``(B, D)`` or any
+``(B, *shape)`` with ``prod(shape) = D`` (e.g. ``(B, 2, 1, 1)`` images of 2-D points). Everything stays finite
+at ``t = 0`` (``alpha = 0``: ``E[x | x_0] = x_0 / gamma``) and where ``gamma = 0`` (``E[x | x_1]`` is the class
+mean); the velocity inherits singular path derivatives (VP: ``alpha'(0)`` is infinite, so query it at ``t > 0``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class _NoisyComponents(NamedTuple):
         """``r_k = softmax_k(log_joint)``."""
         return torch.softmax(self.log_joint, dim=1)
 
+    def weighted_offsets(self, responsibilities: Tensor) -> Tensor:
+        """``r_k d_k / v_k`` ``(B, K, D)``."""
+        return (responsibilities / self.variances)[:, :, None] * self.offsets
+
 
 class GaussianMixture:
     """``p(x | c) = sum_{k: label_k = c} w_k N(x; mu_k, s_k^2 I) / W_c`` with ``W_c = sum_{k: label_k = c} w_k``.
@@ -71,10 +77,14 @@ class GaussianMixture:
         stds = _as_float64("stds", stds)
         self.stds = stds.expand(k).clone() if stds.ndim == 0 else stds
         if self.stds.shape != (k,) or not bool((self.stds > 0).all()):
-            raise ValueError(f"stds must be positive with shape ({k},) (one per component); got {tuple(self.stds.shape)}")
+            raise ValueError(
+                f"stds must be positive with shape ({k},) (one per component); got {self.stds.tolist()}"
+            )
         weights = torch.ones(k, dtype=torch.float64) if weights is None else _as_float64("weights", weights)
         if weights.shape != (k,) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
-            raise ValueError(f"weights must be non-negative with shape ({k},) and a positive sum; got {weights.tolist()}")
+            raise ValueError(
+                f"weights must be non-negative with shape ({k},) and a positive sum; got {weights.tolist()}"
+            )
         self.weights = weights / weights.sum()
         labels = torch.arange(k) if component_labels is None else torch.as_tensor(component_labels)
         if labels.shape != (k,) or labels.is_floating_point() or bool((labels < 0).any()):
@@ -117,7 +127,9 @@ class GaussianMixture:
         labels = torch.as_tensor(labels)
         check_batch("labels", labels, batch_size)
         if labels.ndim != 1 or labels.is_floating_point():
-            raise ValueError(f"labels must be a 1-D integer tensor; got dtype {labels.dtype} shape {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be a 1-D integer tensor; got dtype {labels.dtype} and shape {tuple(labels.shape)}"
+            )
         labels = labels.to(torch.int64).cpu()
         if bool(((labels < 0) | (labels > self.num_classes)).any()):
             raise ValueError(
@@ -127,9 +139,11 @@ class GaussianMixture:
         return labels
 
     def _flatten_points(self, name: str, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or x.ndim < 2 or x[0].numel() != self.dim:
+        if not isinstance(x, Tensor) or x.ndim < 2 or math.prod(x.shape[1:]) != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{name} has shape {shape}; expected (B, {self.dim}) or (B, *shape) with {self.dim} values per sample")
+            raise ValueError(
+                f"{name} has shape {shape}; expected (B, {self.dim}) or (B, *shape) with {self.dim} values per sample"
+            )
         check_finite(name, x)
         return x.reshape(x.shape[0], self.dim).to(torch.float64)
 
@@ -177,14 +191,16 @@ class GaussianMixture:
         """Flat float64 ``(E[x | x_t], E[z | x_t])``."""
         parts = self._noisy_components(x_t, t, transport, labels)
         responsibilities = parts.responsibilities()
-        weighted = (responsibilities / parts.variances)[:, :, None] * parts.offsets  # r_k d_k / v_k
+        weighted = parts.weighted_offsets(responsibilities)
         stds = self.stds.to(weighted.device)
         data = responsibilities @ self.means.to(weighted.device) + parts.gamma * (
             stds[None, :, None] ** 2 * weighted
         ).sum(dim=1)
         return data, parts.alpha * weighted.sum(dim=1)
 
-    def predictions(self, x_t: Tensor, t, transport: Transport, labels: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    def predictions(
+        self, x_t: Tensor, t, transport: Transport, labels: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
         """``(E[x | x_t], E[z | x_t])`` with ``E[x | x_t] = sum_k r_k (mu_k + gamma s_k^2 d_k / v_k)`` and
         ``E[z | x_t] = sum_k r_k alpha d_k / v_k`` (``d_k = x_t - gamma mu_k``, ``v_k = gamma^2 s_k^2 + alpha^2``)."""
         data, noise = self._predictions64(x_t, t, transport, labels)
@@ -204,7 +220,7 @@ class GaussianMixture:
     def score(self, x_t: Tensor, t, transport: Transport, labels: Optional[Tensor] = None) -> Tensor:
         """``grad_{x_t} log p_t(x_t) = -sum_k r_k (x_t - gamma mu_k) / v_k``."""
         parts = self._noisy_components(x_t, t, transport, labels)
-        weighted = (parts.responsibilities() / parts.variances)[:, :, None] * parts.offsets
+        weighted = parts.weighted_offsets(parts.responsibilities())
         return (-weighted.sum(dim=1)).to(x_t.dtype).reshape(x_t.shape)
 
     def log_density(self, x_t: Tensor, t, transport: Transport, labels: Optional[Tensor] = None) -> Tensor:
@@ -280,7 +296,7 @@ def checkerboard(squares_per_side: int = 4, half_width: float = 2.0, std: float 
 
 
 def grid(n: int = 5, spacing: float = 1.0, std: float = 0.05) -> GaussianMixture:
-    """``n x n`` modes at ``spacing * (i - (n - 1) / 2, j - (n - 1) / 2)`` (centred on the origin), std ``std``;
+    """``n x n`` modes at ``spacing * (column - (n - 1) / 2, row - (n - 1) / 2)`` (centred on the origin), std ``std``;
     one class per mode, numbered row by row (``class = row * n + column``, row 0 at the bottom)."""
     check_positive_int("n", n)
     coordinates = spacing * (torch.arange(n, dtype=torch.float64) - (n - 1) / 2)

@@ -25,21 +25,28 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 def dataset_options(name: str) -> dict[str, inspect.Parameter]:
     """The options a dataset accepts (its constructor's keyword parameters)."""
     check_choice("dataset name", name, DATASETS)
-    parameters = inspect.signature(DATASETS[name]).parameters
-    return {key: parameter for key, parameter in parameters.items() if key != "self"}
+    return dict(inspect.signature(DATASETS[name]).parameters)
 
 
 def build_dataset(config: dict) -> Dataset:
     """Build the dataset ``config["name"]`` with the other keys as its options, e.g.
     ``{"name": "digits", "split": "train"}`` or ``{"name": "mixture", "mixture": "checkerboard"}``."""
     if not isinstance(config, dict) or "name" not in config:
-        raise ValueError(f"dataset config must be a dict with a 'name'; allowed names: {', '.join(map(repr, DATASETS))}")
+        raise ValueError(
+            f"dataset config must be a dict with a 'name'; allowed names: {', '.join(map(repr, DATASETS))}"
+        )
     options = dict(config)
     name = options.pop("name")
     allowed = dataset_options(name)
-    for key in options:
-        check_choice(f"dataset option for {name!r}", key, allowed)
-    missing = [key for key, parameter in allowed.items() if parameter.default is inspect.Parameter.empty and key not in options]
+    unknown = [key for key in options if key not in allowed]
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for dataset {name!r}; "
+            f"allowed options: {', '.join(map(repr, allowed))}"
+        )
+    missing = [
+        key for key, parameter in allowed.items() if parameter.default is inspect.Parameter.empty and key not in options
+    ]
     if missing:
         raise ValueError(f"dataset {name!r} needs the option(s) {', '.join(map(repr, missing))}")
     return DATASETS[name](**options)

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..validation import check_choice, check_positive_int
+from ..validation import check_choice
 from .base import AffineNormalisation, FiniteDataset
 from .image_folder import ImageFolderDataset
 
@@ -31,7 +31,7 @@ def load_local_vae(path: Union[str, Path], device: Union[str, torch.device] = "c
         from diffusers import AutoencoderKL
     except ImportError as error:
         raise ImportError("the 'vae_images' dataset needs diffusers: pip install 'ucgm[diffusers]'") from error
-    vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -72,17 +72,13 @@ class VAEImagesDataset(FiniteDataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def batch(
-        self, indices: Tensor, generator: Optional[torch.Generator] = None
-    ) -> tuple[Tensor, Optional[Tensor]]:
+    def batch(self, indices: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Encoded images at ``indices``; ``posterior="sample"`` needs ``generator``."""
         images, labels = self.images.batch(indices)
         return self.encode(images, generator), labels
 
     def sample_batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Optional[Tensor]]:
-        check_positive_int("batch_size", batch_size)
-        indices = torch.randint(len(self), (batch_size,), generator=generator, device=generator.device)
-        return self.batch(indices.cpu(), generator)
+        return self.batch(self.draw_indices(batch_size, generator), generator)
 
     @torch.no_grad()
     def encode(self, images: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:

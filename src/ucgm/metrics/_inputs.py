@@ -25,7 +25,9 @@ def as_sample_matrix(name: str, samples, min_samples: int = 1) -> Tensor:
 def check_same_dimension(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
     """Raise unless two sample matrices have the same number of features."""
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{name_a} has {a.shape[1]} features per sample but {name_b} has {b.shape[1]}; they must match")
+        raise ValueError(
+            f"{name_a} has {a.shape[1]} features per sample but {name_b} has {b.shape[1]}; they must match"
+        )
 
 
 def pairwise_distances(a: Tensor, b: Tensor) -> Tensor:

@@ -24,7 +24,9 @@ def _empirical_w2_squared(sorted_a: Tensor, sorted_b: Tensor) -> Tensor:
     over the merged break points ``{i/n} U {j/m}``. For ``n = m`` it is ``mean_i (a_(i) - b_(i))^2``.
     """
     n, m = sorted_a.shape[0], sorted_b.shape[0]
-    breaks = torch.unique(torch.cat([torch.arange(n + 1, dtype=torch.float64) / n, torch.arange(m + 1, dtype=torch.float64) / m]))
+    fractions_a = torch.arange(n + 1, dtype=torch.float64) / n
+    fractions_b = torch.arange(m + 1, dtype=torch.float64) / m
+    breaks = torch.unique(torch.cat([fractions_a, fractions_b]))
     lengths = breaks[1:] - breaks[:-1]
     midpoints = (breaks[1:] + breaks[:-1]) / 2
     index_a = torch.clamp((midpoints * n).long(), max=n - 1)
@@ -87,4 +89,5 @@ def energy_distance(a, b) -> float:
         return distances
 
     cross = _mean_pairwise(a, b, identity, same_set=False)
-    return float(2 * cross - _mean_pairwise(a, a, identity, same_set=True) - _mean_pairwise(b, b, identity, same_set=True))
+    within = _mean_pairwise(a, a, identity, same_set=True) + _mean_pairwise(b, b, identity, same_set=True)
+    return float(2 * cross - within)

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention on tokens ``(B, N, dim)``: joint q/k/v projection, scaled dot product, output projection."""
+    """Multi-head self-attention on tokens ``(B, N, dim)``: joint q/k/v projection, attention, output projection."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Optional
 
 import torch
@@ -27,7 +28,7 @@ from .embeddings import resolve_labels
 DIFFUSERS_CLASSES = {"unet": "UNet2DModel", "dit": "DiTTransformer2DModel"}
 
 
-def import_diffusers():
+def import_diffusers() -> ModuleType:
     """Import diffusers or raise an ``ImportError`` saying how to install it."""
     try:
         import diffusers

@@ -22,6 +22,8 @@ from .embeddings import DEFAULT_TIME_SCALE, ConditionEmbedding
 
 
 class DiTSize(NamedTuple):
+    """A DiT size preset: number of blocks, token width and attention heads."""
+
     depth: int
     hidden_size: int
     num_heads: int
@@ -123,10 +125,10 @@ class DiT(nn.Module):
         hidden_size: Optional[int] = None,
         num_heads: Optional[int] = None,
         mlp_ratio: float = 4.0,
-        out_channels: Optional[int] = None,
         time_scale: float = DEFAULT_TIME_SCALE,
     ):
         super().__init__()
+        size = size.upper() if isinstance(size, str) else size
         check_choice("size", size, DIT_SIZES)
         preset = DIT_SIZES[size]
         depth = preset.depth if depth is None else depth
@@ -149,17 +151,15 @@ class DiT(nn.Module):
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
-        self.out_channels = out_channels or in_channels
         self.num_classes = num_classes
+        self.hidden_size = hidden_size
         self.grid_size = input_size // patch_size
 
         self.patch_embedding = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
-        self.register_buffer(
-            "position_embedding", sincos_position_embedding(hidden_size, self.grid_size), persistent=False
-        )
+        self.register_buffer("position_embedding", sincos_position_embedding(hidden_size, self.grid_size))
         self.condition = ConditionEmbedding(hidden_size, num_classes, time_scale)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
-        self.final = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels)
+        self.final = FinalLayer(hidden_size, patch_size * patch_size * in_channels)
         self._initialise()
 
     @classmethod
@@ -191,7 +191,7 @@ class DiT(nn.Module):
 
     def unpatchify(self, patches: Tensor) -> Tensor:
         """``(B, N, p * p * C)`` in row-major token order -> ``(B, C, H, W)``."""
-        batch, grid, p, channels = patches.shape[0], self.grid_size, self.patch_size, self.out_channels
+        batch, grid, p, channels = patches.shape[0], self.grid_size, self.patch_size, self.in_channels
         patches = patches.reshape(batch, grid, grid, p, p, channels)
         return patches.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, grid * p, grid * p)
 

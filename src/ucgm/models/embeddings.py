@@ -34,8 +34,11 @@ def expand_time(t: Tensor | float, batch_size: int, device: torch.device) -> Ten
     return t
 
 
-def sinusoidal_features(t: Tensor, dim: int, time_scale: float = DEFAULT_TIME_SCALE, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal features ``(B, dim)`` of ``time_scale * t``: ``[cos(w_k s), sin(w_k s)]``, ``w_k = max_period^(-k/half)``.
+def sinusoidal_features(
+    t: Tensor, dim: int, time_scale: float = DEFAULT_TIME_SCALE, max_period: float = 10000.0
+) -> Tensor:
+    """Sinusoidal features ``(B, dim)`` of ``s = time_scale * t``: ``[cos(w_k s), sin(w_k s)]``,
+    ``w_k = max_period^(-k / half)``.
 
     Computed in float32 whatever the dtype of ``t``; an odd ``dim`` is padded with one zero column.
     """

@@ -118,7 +118,6 @@ class UNet(nn.Module):
         self,
         input_size: int = 32,
         in_channels: int = 3,
-        out_channels: Optional[int] = None,
         base_channels: int = 64,
         channel_mults: Sequence[int] = (1, 2, 2),
         num_res_blocks: int = 2,
@@ -155,7 +154,6 @@ class UNet(nn.Module):
 
         self.input_size = input_size
         self.in_channels = in_channels
-        self.out_channels = out_channels or in_channels
         self.num_classes = num_classes
         embedding_dim = 4 * base_channels
         self.condition = ConditionEmbedding(embedding_dim, num_classes, time_scale, frequency_dim=base_channels)
@@ -184,20 +182,23 @@ class UNet(nn.Module):
         for level in reversed(range(len(channel_mults))):
             for _ in range(num_res_blocks + 1):
                 out_ch = base_channels * channel_mults[level]
-                self.up.append(stage(channels + skip_channels.pop(), out_ch, resolutions[level] in attention_resolutions))
+                with_attention = resolutions[level] in attention_resolutions
+                self.up.append(stage(channels + skip_channels.pop(), out_ch, with_attention))
                 channels = out_ch
             if level > 0:
                 self.up.append(Upsample(channels))
 
         self.output = nn.Sequential(
-            group_norm(channels, max_groups), nn.SiLU(), zero_init(nn.Conv2d(channels, self.out_channels, 3, padding=1))
+            group_norm(channels, max_groups), nn.SiLU(), zero_init(nn.Conv2d(channels, in_channels, 3, padding=1))
         )
 
     def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet expects images (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         if x.shape[2] % self.downsampling or x.shape[3] % self.downsampling:
-            raise ValueError(f"image height and width must be divisible by {self.downsampling}, got {tuple(x.shape[2:])}")
+            raise ValueError(
+                f"image height and width must be divisible by {self.downsampling}, got {tuple(x.shape[2:])}"
+            )
         embedding = self.condition(t, labels, x.shape[0])
         h = self.input(x)
         skips = [h]

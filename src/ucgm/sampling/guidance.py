@@ -46,16 +46,17 @@ class ClassifierFreeGuidance(nn.Module):
         self.null_label = self.num_classes if null_label is None else null_label
         if isinstance(self.null_label, bool) or not isinstance(self.null_label, int):
             raise ValueError(
-                f"null_label={self.null_label!r}: pass an integer null label or wrap a model with an integer num_classes"
+                f"null_label={self.null_label!r}: pass an integer null label "
+                "or wrap a model with an integer num_classes"
             )
         self.interval = None if interval is None else _closed_interval(interval)
 
     def guidance_active(self, t: Tensor) -> bool:
-        """Whether ``t[0]`` (network time) lies in the guidance interval."""
+        """Whether ``t[0]`` (network time) lies in the guidance interval, compared in the dtype of ``t``."""
         if self.interval is None:
             return True
-        first = float(t.reshape(-1)[0])
-        return self.interval[0] <= first <= self.interval[1]
+        first = t.reshape(-1)[0]
+        return bool((first >= self.interval[0]) & (first <= self.interval[1]))
 
     def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         if labels is None:

@@ -137,11 +137,11 @@ def heun_sample(
         if states is not None:
             states.append(state)
         slope = predictor.velocity(state, t)
-        euler_state = state + (t_next - t) * slope
+        next_state = state + (t_next - t) * slope
         if i < intervals - 1:
-            slope = 0.5 * (slope + predictor.velocity(euler_state, t_next))
-            euler_state = state + (t_next - t) * slope
-        state = euler_state
+            slope = 0.5 * (slope + predictor.velocity(next_state, t_next))
+            next_state = state + (t_next - t) * slope
+        state = next_state
     return _result(states, state / transport.gamma(grid[-1]), predictor.calls, noise.dtype)
 
 
@@ -160,16 +160,16 @@ def dpm_solver_pp_2m_sample(
     ``x_{t'} = (alpha(t') / alpha(t)) x_t - gamma(t') (e^{-h_i} - 1) D_i``, with ``D_0 = x_hat_0`` and afterwards
     ``D_i = (1 + 1 / (2 r_i)) x_hat_i - 1 / (2 r_i) x_hat_{i-1}``, ``r_i = h_{i-1} / h_i``. A step to a time where
     ``alpha = 0`` (``lambda = inf``, t = 0 on Linear/TrigFlow/VP) returns the data prediction:
-    ``x_{t'} = gamma(t') x_hat_i``. A start at ``gamma = 0`` (``lambda = -inf``, t = 1 on Linear) is exact:
-    ``e^{-h} = 0`` and the next step's ``1 / r = 0``. NFE = number of intervals; default grid
-    :func:`~ucgm.timegrids.uniform_grid` ``(steps)``.
+    ``x_{t'} = gamma(t') x_hat_i``. A start at ``gamma = 0`` (``lambda = -inf``, t = 1 on Linear) is well defined:
+    ``e^{-h} = 0`` there, and ``1 / r = 0`` on the next step (which is therefore first order too).
+    NFE = number of intervals; default grid :func:`~ucgm.timegrids.uniform_grid` ``(steps)``.
     """
     _check_inputs(noise, labels)
     grid = _sampling_grid(transport, steps, times, uniform_grid, noise.device)
     predictor = _CountingPredictor(model, transport, labels, noise.dtype)
     alphas, gammas = transport.alpha(grid), transport.gamma(grid)
     log_snr = torch.log(gammas) - torch.log(alphas)
-    state = alphas[0] * noise.to(torch.float64)
+    state = _initial_state(transport, noise, grid[0])
     states = [] if return_trajectory else None
     previous_data = previous_step = None
     for i in range(grid.numel() - 1):
@@ -179,11 +179,11 @@ def dpm_solver_pp_2m_sample(
         step = log_snr[i + 1] - log_snr[i]
         if alphas[i + 1] == 0:
             state = gammas[i + 1] * data
-            continue
-        combined = data
-        if previous_data is not None:
-            combined = data + step / (2 * previous_step) * (data - previous_data)
-        state = alphas[i + 1] / alphas[i] * state - gammas[i + 1] * torch.expm1(-step) * combined
+        else:
+            combined = data
+            if previous_data is not None:
+                combined = data + step / (2 * previous_step) * (data - previous_data)
+            state = alphas[i + 1] / alphas[i] * state - gammas[i + 1] * torch.expm1(-step) * combined
         previous_data, previous_step = data, step
     return _result(states, state / gammas[-1], predictor.calls, noise.dtype)
 
@@ -210,7 +210,8 @@ def edm_stochastic_sample(
     ``sigma_hat = sigma_i (1 + eta)`` (capped at the path's ratio at t = 1),
     ``x_hat = x_i + sqrt(sigma_hat^2 - sigma_i^2) s_noise eps``, ``d = (x_hat - D(x_hat; sigma_hat)) / sigma_hat``,
     ``x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) d``, and except on the last interval the Heun correction
-    ``x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) (d + d') / 2``, ``d' = (x_{i+1} - D(x_{i+1}; sigma_{i+1})) / sigma_{i+1}``.
+    ``x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) (d + d') / 2`` with
+    ``d' = (x_{i+1} - D(x_{i+1}; sigma_{i+1})) / sigma_{i+1}``.
     ``s_churn = 0`` is the deterministic Heun sampler in sigma. Defaults: EDM's ImageNet-64 settings; default grid
     :func:`~ucgm.timegrids.karras_grid` ``(steps)`` with ``sigma_max = min(80, sigma(1))``. NFE = 2 * intervals - 1.
     ``eps`` is drawn with ``generator``.

@@ -45,10 +45,24 @@ def sampler_kwargs_from_official(official: dict) -> dict:
     return {OFFICIAL_SAMPLER_NAMES[key]: value for key, value in official.items()}
 
 
-def _first_step_sde_ratio(transport: Transport, t_cur: Tensor, t_next: Tensor) -> Tensor:
+def first_step_sde_ratio(transport: Transport, t_cur: Tensor, t_next: Tensor) -> Tensor:
     """``rho = clamp(|t' - t| * 2 alpha(t) / alpha(t')^2, 0, 1)``: the SDE-matching ratio of the first interval
     (reused for every later step, as the official sampler does)."""
     return torch.clamp((t_next - t_cur).abs() * 2 * transport.alpha(t_cur) / transport.alpha(t_next) ** 2, 0, 1)
+
+
+def check_sampler_settings(stochasticity: float | str, extrapolation: float, time_warp: Sequence[float],
+                           gaps: Sequence[float]) -> None:
+    """Validate UCGM-S's rho, kappa, Kumaraswamy warp and boundary gaps (shared with the diffusers scheduler)."""
+    if isinstance(stochasticity, str):
+        check_choice("stochasticity", stochasticity.lower(), STOCHASTICITY_SCHEDULES)
+    else:
+        check_range("stochasticity", stochasticity, 0.0, 1.0)
+    check_range("extrapolation", extrapolation, 0.0, math.inf)
+    if len(time_warp) != 3 or min(time_warp) <= 0:
+        raise ValueError(f"time_warp={tuple(time_warp)!r} must be three positive numbers (a, b, c)")
+    if len(gaps) != 2 or not (0 <= gaps[0] < 1 and 0 <= gaps[1] < 1 and gaps[0] + gaps[1] < 1):
+        raise ValueError(f"gaps={tuple(gaps)!r} must be (g0, g1) with 0 <= g0, g1 and g0 + g1 < 1")
 
 
 def ucgm_sample(
@@ -79,15 +93,7 @@ def ucgm_sample(
     check_choice("order", order, (1, 2))
     check_finite("noise", noise)
     check_batch("labels", labels, noise.shape[0])
-    if isinstance(stochasticity, str):
-        check_choice("stochasticity", stochasticity.lower(), STOCHASTICITY_SCHEDULES)
-    else:
-        check_range("stochasticity", stochasticity, 0.0, 1.0)
-    check_range("extrapolation", extrapolation, 0.0, math.inf)
-    if len(time_warp) != 3 or min(time_warp) <= 0:
-        raise ValueError(f"time_warp={tuple(time_warp)!r} must be three positive numbers (a, b, c)")
-    if len(gaps) != 2 or not (0 <= gaps[0] < 1 and 0 <= gaps[1] < 1 and gaps[0] + gaps[1] < 1):
-        raise ValueError(f"gaps={tuple(gaps)!r} must be (g0, g1) with 0 <= g0, g1 and g0 + g1 < 1")
+    check_sampler_settings(stochasticity, extrapolation, time_warp, gaps)
     if cfg_scale is not None:
         from .guidance import ClassifierFreeGuidance
 
@@ -121,7 +127,7 @@ def ucgm_sample(
                 noise_hat = noise_hat + extrapolation * (noise_hat - previous_noise)
             previous_data, previous_noise = raw_data, raw_noise
         if isinstance(ratio, str):
-            ratio = _first_step_sde_ratio(transport, t_cur, t_next)
+            ratio = first_step_sde_ratio(transport, t_cur, t_next)
         fresh = 0.0
         if not (isinstance(ratio, float) and ratio == 0.0):
             fresh = torch.randn(state.shape, generator=generator, dtype=torch.float64).to(state.device)
