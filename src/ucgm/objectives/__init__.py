@@ -8,6 +8,7 @@ import inspect
 from ..transports import Transport
 from .base import Objective, ObjectiveOutput
 from .flow_matching import FlowMatchingObjective
+from .scm import SCMObjective
 from .ucgm import UCGMObjective
 
 OBJECTIVES: dict[str, type] = {
@@ -19,6 +20,9 @@ OBJECTIVES: dict[str, type] = {
 def register_objective(name: str, objective_class: type) -> None:
     """Make ``objective_class`` selectable as ``objective.name = name``."""
     OBJECTIVES[name] = objective_class
+
+
+register_objective("scm", SCMObjective)
 
 
 def build_objective(config: dict, transport: Transport) -> Objective:
@@ -37,5 +41,8 @@ def build_objective(config: dict, transport: Transport) -> Objective:
     return objective_class(transport=transport, **config)
 
 
-__all__ = ["OBJECTIVES", "FlowMatchingObjective", "Objective", "ObjectiveOutput", "UCGMObjective",
+# The other method families register themselves on import.
+from . import consistency_registry  # noqa: E402,F401
+
+__all__ = ["OBJECTIVES", "FlowMatchingObjective", "Objective", "ObjectiveOutput", "SCMObjective", "UCGMObjective",
            "build_objective", "register_objective"]

@@ -1,0 +1,245 @@
+"""Checkpoint directories: ``RUN/checkpoints/step_XXXXXXX/{model.safetensors, state.pt}`` plus a ``latest`` pointer.
+
+* ``model.safetensors`` holds weight groups (``model.*``, ``ema.*``) and, as metadata, the resolved config,
+  the data normalisation and shape, so that the file alone is enough to sample.
+* ``state.pt`` holds what resuming needs beyond the weights (optimizer, step, RNG states, reference network);
+  it only contains tensors and plain containers and is read with ``torch.load(weights_only=True)``.
+
+A checkpoint is written into a temporary directory that is renamed into place once complete, so a crash
+leaves either the previous checkpoints or the new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .atomic import atomic_write_text, fsync_directory
+
+CHECKPOINT_FORMAT = "ucgm-checkpoint"
+FORMAT_VERSION = "1"
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+LATEST_FILE = "latest"
+CHECKPOINTS_DIRECTORY = "checkpoints"
+_STEP_PATTERN = re.compile(r"^step_(\d+)$")
+_TEMPORARY_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt or not a ucgm checkpoint."""
+
+
+@dataclass
+class CheckpointInfo:
+    """What ``model.safetensors`` says about itself."""
+
+    path: Path
+    step: int
+    config: dict
+    normalisation: Optional[dict]
+    data_shape: Optional[list]
+    num_classes: Optional[int]
+    groups: list
+
+
+def step_directory_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def checkpoints_directory(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIRECTORY
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of the finished checkpoints of a run, oldest first."""
+    found = []
+    root = checkpoints_directory(run_dir)
+    if not root.is_dir():
+        return found
+    for entry in root.iterdir():
+        match = _STEP_PATTERN.match(entry.name)
+        if match and (entry / WEIGHTS_FILE).is_file() and (entry / STATE_FILE).is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest finished checkpoint of a run (the ``latest`` pointer names it), or ``None``."""
+    found = complete_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def find_checkpoint(path: Path | str) -> Path:
+    """The checkpoint directory meant by a run directory, a checkpoint directory or a ``model.safetensors``."""
+    path = Path(path)
+    if path.is_file() and path.name == WEIGHTS_FILE:
+        return path.parent
+    if (path / WEIGHTS_FILE).is_file():
+        return path
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is not None:
+            return latest
+        raise CheckpointError(f"{str(path)!r} holds no finished checkpoint (expected {CHECKPOINTS_DIRECTORY}/"
+                              f"step_XXXXXXX/{WEIGHTS_FILE} or {WEIGHTS_FILE})")
+    if path.is_file():
+        raise CheckpointError(f"{str(path)!r} is not a ucgm checkpoint: expected a run directory, a checkpoint "
+                              f"directory or a {WEIGHTS_FILE} file")
+    raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+
+
+# ------------------------------------------------------------------------------------------- write
+def _flatten_weights(groups: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """``{"model": {"w": t}}`` -> ``{"model.w": t}`` on the CPU, contiguous, without shared storage."""
+    flat, seen = {}, set()
+    for group, tensors in groups.items():
+        if "." in group:
+            raise ValueError(f"weight group names cannot contain '.', got {group!r}")
+        for name, tensor in tensors.items():
+            tensor = tensor.detach().to("cpu").contiguous()
+            if tensor.data_ptr() in seen and tensor.numel():
+                tensor = tensor.clone()
+            seen.add(tensor.data_ptr())
+            flat[f"{group}.{name}"] = tensor
+    return flat
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _remove_directory(directory: Path) -> None:
+    """Rename ``directory`` out of the way first so that an interrupted removal never leaves a look-alike."""
+    trash = directory.with_name(f"{_TRASH_PREFIX}{directory.name}-{os.getpid()}")
+    os.rename(directory, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def write_checkpoint(run_dir: Path, step: int, weights: dict[str, dict[str, Tensor]], metadata: dict[str, Any],
+                     state: dict, keep_last: Optional[int] = None) -> Path:
+    """Write ``step_XXXXXXX`` atomically, point ``latest`` at it and keep only the newest ``keep_last``.
+
+    ``metadata`` values must be JSON-serialisable (the config, the normalisation, ...). A finished checkpoint of
+    the same step is kept as it is (a deterministic run writes the same state at the same step).
+    """
+    root = checkpoints_directory(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_directory_name(step)
+    if not any(found == final for _, found in complete_checkpoints(run_dir)):
+        _write_directory(final, step, weights, metadata, state)
+    atomic_write_text(root / LATEST_FILE, final.name + "\n")
+    if keep_last is not None:
+        for _, old in complete_checkpoints(run_dir)[:-keep_last]:
+            _remove_directory(old)
+    return final
+
+
+def _write_directory(final: Path, step: int, weights: dict[str, dict[str, Tensor]], metadata: dict[str, Any],
+                     state: dict) -> None:
+    """Fill a temporary directory, flush it to disk and rename it to ``final``."""
+    root = final.parent
+    temporary = root / f"{_TEMPORARY_PREFIX}{final.name}-{os.getpid()}"
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir()
+    header = {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "step": str(step)}
+    header.update({key: json.dumps(value) for key, value in metadata.items()})
+    save_file(_flatten_weights(weights), str(temporary / WEIGHTS_FILE), metadata=header)
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, temporary / STATE_FILE)
+    for name in (WEIGHTS_FILE, STATE_FILE):
+        _fsync_file(temporary / name)
+    fsync_directory(temporary)
+    if final.exists():  # an unfinished directory of that name (e.g. copied by hand): it holds nothing usable
+        _remove_directory(final)
+    os.rename(temporary, final)
+    fsync_directory(root)
+
+
+def remove_unfinished(run_dir: Path) -> None:
+    """Delete temporary and half-deleted checkpoint directories left by an interrupted process."""
+    root = checkpoints_directory(run_dir)
+    if root.is_dir():
+        for entry in root.iterdir():
+            if entry.is_dir() and entry.name.startswith((_TEMPORARY_PREFIX, _TRASH_PREFIX)):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------------- read
+def _json_field(metadata: dict, key: str, path: Path):
+    try:
+        return json.loads(metadata[key]) if key in metadata else None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{str(path)!r}: metadata field {key!r} is not valid JSON ({error})") from error
+
+
+def read_checkpoint_info(checkpoint: Path | str) -> CheckpointInfo:
+    """Metadata of a checkpoint (run directory, checkpoint directory or weights file)."""
+    directory = find_checkpoint(checkpoint)
+    path = directory / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            keys = list(handle.keys())
+    except Exception as error:  # safetensors raises SafetensorError / OSError on corrupt files
+        raise CheckpointError(f"{str(path)!r} is corrupt or not a safetensors file ({error})") from error
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a ucgm checkpoint (its metadata has no "
+                              f"format={CHECKPOINT_FORMAT!r}); foreign weights must be converted first")
+    if metadata.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{str(path)!r} has checkpoint format version {metadata.get('version')!r}; "
+                              f"this ucgm reads version {FORMAT_VERSION!r}")
+    config = _json_field(metadata, "config", path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{str(path)!r} holds no resolved config in its metadata")
+    return CheckpointInfo(
+        path=directory,
+        step=int(metadata.get("step", 0)),
+        config=config,
+        normalisation=_json_field(metadata, "normalisation", path),
+        data_shape=_json_field(metadata, "data_shape", path),
+        num_classes=_json_field(metadata, "num_classes", path),
+        groups=sorted({key.split(".", 1)[0] for key in keys}),
+    )
+
+
+def read_weights(checkpoint: Path | str, group: str, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """The tensors of one weight group (``"model"`` or ``"ema"``), names without the group prefix."""
+    directory = find_checkpoint(checkpoint)
+    path = directory / WEIGHTS_FILE
+    prefix = f"{group}."
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            weights = {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}
+    except Exception as error:
+        raise CheckpointError(f"{str(path)!r} is corrupt or not a safetensors file ({error})") from error
+    if not weights:
+        raise CheckpointError(f"{str(path)!r} holds no {group!r} weights")
+    return weights
+
+
+def read_state(checkpoint: Path | str) -> dict:
+    """The resume state (``state.pt``), loaded without executing any pickled code."""
+    path = find_checkpoint(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} is missing; this checkpoint can be sampled but not resumed")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError (foreign objects), RuntimeError / EOFError (corrupt)
+        raise CheckpointError(f"{str(path)!r} is corrupt or holds objects other than tensors and plain "
+                              f"containers ({type(error).__name__}: {error})") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a ucgm training state")
+    return state

@@ -1,0 +1,92 @@
+"""End-to-end resume: ``python -m ucgm train`` killed with SIGKILL after its first checkpoint, then re-run with the
+same command, logs exactly the losses of the uninterrupted run."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+from training_fixtures import TINY_GMM, cli_command, losses, run_cli, subprocess_env, tiny_gmm_config
+
+from ucgm.training.checkpoint import complete_checkpoints, latest_checkpoint, read_checkpoint_info, read_state
+from ucgm.training.run import run_training
+from ucgm.training.run_log import read_stats
+
+STEPS, CHECKPOINT_EVERY = 300, 50
+
+
+def _train_arguments(run_dir) -> list[str]:
+    return ["train", "gmm", "--run-dir", str(run_dir), "--steps", str(STEPS), "--checkpoint-every",
+            str(CHECKPOINT_EVERY), "--log-every", "1", *TINY_GMM]
+
+
+def _kill_after(process: subprocess.Popen, run_dir, step: int, timeout: float = 240) -> int:
+    """SIGKILL ``process`` once it has a checkpoint and has logged ``step``; returns the last logged step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        records = read_stats(run_dir / "stats.jsonl")
+        if complete_checkpoints(run_dir) and records and records[-1]["step"] >= step:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return records[-1]["step"]
+        time.sleep(0.005)
+    process.kill()
+    pytest.fail(f"the run ended (code {process.poll()}) before it could be killed at step {step}")
+
+
+def _config() -> dict:
+    return tiny_gmm_config(f"training.steps={STEPS}", f"training.checkpoint_every={CHECKPOINT_EVERY}",
+                           "training.log_every=1")
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_losses(tmp_path):
+    reference_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    run_training(_config(), reference_dir, progress=False)
+    expected = losses(reference_dir)
+    assert [step for step, _ in expected] == list(range(1, STEPS + 1))
+
+    kill_step = random.randint(CHECKPOINT_EVERY + 5, STEPS - 80)
+    process = subprocess.Popen(cli_command(*_train_arguments(run_dir)), env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_at = _kill_after(process, run_dir, kill_step)
+    assert process.returncode == -signal.SIGKILL and killed_at < STEPS
+
+    finished = run_cli(*_train_arguments(run_dir))
+    assert finished.returncode == 0, finished.stderr
+    assert "resuming" in finished.stderr
+    assert losses(run_dir) == expected  # exact equality, no gaps or repeats
+    run_training(_config(), run_dir, progress=False)  # re-running a finished run changes nothing
+    assert losses(run_dir) == expected
+    record = read_stats(run_dir / "stats.jsonl")[-1]
+    assert {"step", "loss", "lr", "sec_per_step"} <= set(record)
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
+    """A model large enough that writing a checkpoint takes a while; the process is killed while the temporary
+    directory of its second checkpoint exists."""
+    run_dir = tmp_path / "run"
+    arguments = ["train", "gmm", "--run-dir", str(run_dir), "--steps", "6", "--checkpoint-every", "2",
+                 "--log-every", "1", "model.hidden=768", "model.depth=4", "training.batch_size=8"]
+    process = subprocess.Popen(cli_command(*arguments), env=subprocess_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        checkpoints = run_dir / "checkpoints"
+        writing = checkpoints.is_dir() and any(p.name.startswith(".tmp-") for p in checkpoints.iterdir())
+        if complete_checkpoints(run_dir) and writing:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.001)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run was not killed during a checkpoint write"
+    previous = latest_checkpoint(run_dir)
+    assert previous.name == "step_0000002"
+    assert read_checkpoint_info(previous).step == 2 and read_state(previous)["step"] == 2
+    finished = run_cli(*arguments)
+    assert finished.returncode == 0, finished.stderr
+    assert [step for step, _ in losses(run_dir)] == list(range(1, 7))
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
