@@ -19,7 +19,7 @@ from ucgm.analysis import (
     search_kumaraswamy,
     trajectory_geometry,
 )
-from ucgm.analysis.sweeps import flow_matching_available
+from ucgm.sampling.registry import flow_matching_available
 from ucgm.data.mixtures import GaussianMixture, OracleModel, eight_gaussians
 from ucgm.metrics import sliced_wasserstein
 from ucgm.sampling.ucgm_sampler import ucgm_sample

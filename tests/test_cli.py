@@ -97,7 +97,7 @@ def test_sample_writers_and_samplers(trained_run, tmp_path):
     for sampler in ("euler", "dpm++2m", "edm"):
         assert main(["sample", str(trained_run), "--out", str(tmp_path / f"{sampler}.npz"), "--num", "4",
                      "--sampler", sampler, "--nfe", "3"]) == 0
-    stochastic = _sample(trained_run, tmp_path / "st.npz", "--num", "4", "stochasticity=1.0", "steps=2")
+    stochastic = _sample(trained_run, tmp_path / "st.npz", "--num", "4", "stochasticity=1.0", "nfe=2")
     assert np.isfinite(stochastic).all()
 
 
@@ -105,7 +105,7 @@ def test_image_grid_png(tmp_path):
     run_dir = tmp_path / "digits"
     assert main(["train", "digits", "--run-dir", str(run_dir), "--steps", "2", "--checkpoint-every", "2",
                  "model.base_channels=8", "model.channel_mults=[1]", "training.batch_size=8",
-                 "training.sample_every=2", "sampling.steps=2", "sampling.num=4"]) == 0
+                 "training.sample_every=2", "sampling.nfe=2", "sampling.num=4"]) == 0
     assert Image.open(run_dir / "samples" / "step_0000002.png").size == (65, 65)  # 2x2 tiles of 32 + gap
     assert main(["sample", str(run_dir), "--out", str(tmp_path / "grid.png"), "--num", "9", "--nfe", "2"]) == 0
     assert Image.open(tmp_path / "grid.png").size == (98, 98)

@@ -104,7 +104,7 @@ def test_saved_config_round_trips(tmp_path):
 
 def test_resume_accepts_duration_changes_and_rejects_method_changes(tmp_path):
     saved = tiny_gmm_config()
-    check_resumable(saved, apply_overrides(saved, ["training.steps=99", "sampling.steps=2"]), tmp_path)
+    check_resumable(saved, apply_overrides(saved, ["training.steps=99", "sampling.nfe=2"]), tmp_path)
     with pytest.raises(ConfigError, match="objective.enhanced_ratio"):
         check_resumable(saved, apply_overrides(saved, ["objective.enhanced_ratio=0.2"]), tmp_path)
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from training_fixtures import GaussianBatches, TinyFlowMatching, TinyMLP
+from training_fixtures import GaussianBatches, TinyFlowMatching, TinyMLP, tiny_gmm_config
 
 from ucgm.objectives.base import ObjectiveOutput
 from ucgm.training.batches import CycledBatches, DatasetBatches, ShardPlan
@@ -198,3 +198,35 @@ def test_objective_progress_and_curriculum_decay_are_read_every_step():
     minimal_objective = _Curriculum()
     minimal_training_loop(TinyMLP(), minimal_objective, [(torch.randn(8, 2), None)], 2, 1e-3)
     assert minimal_objective.progress == [(0, 2), (1, 2)]
+
+
+def test_objective_parameters_are_trained_and_resumed_exactly(tmp_path):
+    """sCM's adaptive weighting head: optimised with the model, saved in state.pt and restored on resume."""
+    from ucgm.training.components import (build_dataset, build_model, build_objective, build_transport,
+                                          with_data_defaults)
+    from ucgm.training.schema import typed_section
+
+    config = tiny_gmm_config("transport.name=trigflow", "objective=scm", "objective.tangent_method=finite_difference",
+                             "objective.tangent_warmup_steps=2")
+    dataset = build_dataset(config)
+    config = with_data_defaults(config, dataset.shape, dataset.num_classes)
+
+    def make_trainer():
+        torch.manual_seed(0)
+        objective = build_objective(config, build_transport(config))
+        return Trainer(build_model(config), objective, dataset, typed_section(config, "training"),
+                       typed_section(config, "optimizer"))
+
+    uninterrupted = make_trainer()
+    head_before = [p.detach().clone() for p in uninterrupted.objective_parameters]
+    expected = _losses_per_step(uninterrupted, 6)
+    assert head_before and any(not torch.equal(a, b) for a, b in zip(head_before, uninterrupted.objective_parameters))
+
+    first = make_trainer()
+    before = _losses_per_step(first, 3)
+    first.save_checkpoint(tmp_path, METADATA)
+    resumed = make_trainer()
+    resumed.load_checkpoint(tmp_path / "checkpoints" / "step_0000003")
+    assert before + _losses_per_step(resumed, 6) == expected
+    for a, b in zip(uninterrupted.objective_parameters, resumed.objective_parameters):
+        assert torch.equal(a, b)

@@ -18,7 +18,7 @@ from ucgm.training.run_log import read_stats
 
 #: Overrides that shrink the gmm preset to a model and batch that train in milliseconds per step.
 TINY_GMM = ["model.hidden=16", "model.depth=1", "training.batch_size=32", "optimizer.warmup_steps=5",
-            "sampling.steps=4", "sampling.num=64"]
+            "sampling.nfe=4", "sampling.num=64"]
 
 
 def tiny_gmm_config(*overrides: str) -> dict:

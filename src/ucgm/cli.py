@@ -25,7 +25,7 @@ COMMANDS = {
     "edit": "edit data with a trained model",
 }
 DISPATCHED = ("quickstart", "evaluate", "bench", "edit")
-SAMPLER_CHOICES = ("ucgm", "euler", "heun", "dpm++2m", "edm")
+
 
 
 def _usage() -> str:
@@ -99,45 +99,38 @@ def _tune(argv: Sequence[str]) -> int:
 
 
 def _sample_overrides(args: argparse.Namespace) -> list[str]:
-    """``key=value`` (a bare sampling key such as ``steps=4`` means ``sampling.steps``) then the flags."""
+    """``key=value`` (a bare sampling key such as ``nfe=4`` means ``sampling.nfe``) then the flags."""
     from .training.schema import section_keys
 
     sampling_fields = {key.split(".", 1)[1] for key in section_keys("sampling")}
     overrides = [f"sampling.{text}" if text.partition("=")[0] in sampling_fields else text for text in args.overrides]
-    flags = {"num": args.num, "sampler": args.sampler, "seed": args.seed, "batch_size": args.batch_size,
+    flags = {"num": args.num, "sampler": args.sampler, "nfe": args.nfe, "seed": args.seed, "batch_size": args.batch_size,
              "cfg_scale": args.cfg_scale, "labels": args.labels}
     overrides += [f"sampling.{key}={value}" for key, value in flags.items() if value is not None]
     return overrides
 
 
 def _sample(argv: Sequence[str]) -> int:
+    from .sampling.registry import SAMPLER_NAMES
+
     parser = argparse.ArgumentParser(prog="ucgm sample", description=COMMANDS["sample"])
     parser.add_argument("checkpoint", help="run directory, checkpoint directory or model.safetensors")
     parser.add_argument("--out", required=True, type=Path, action="append",
                         help="output file (.png grid / scatter, .npz, .safetensors); repeat for several")
     parser.add_argument("--num", type=int, help="number of samples (sampling.num)")
-    parser.add_argument("--sampler", choices=SAMPLER_CHOICES, help="sampler (sampling.sampler)")
-    parser.add_argument("--nfe", type=int, help="network evaluations per sample (sets sampling.steps)")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, help="sampler (sampling.sampler)")
+    parser.add_argument("--nfe", type=int, help="network evaluations per sample (sampling.nfe)")
     parser.add_argument("--seed", type=int, help="noise seed; sample i uses the generator seeded by (seed, i)")
     parser.add_argument("--batch-size", type=int, help="samples per batch (results do not depend on it)")
     parser.add_argument("--labels", type=int, nargs="+", help="class labels, cycled over the samples")
     parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="weights to sample (default ema)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    _add_overrides(parser, "sampling.extrapolation=0.5, or without the section: steps=8 gaps=[0.001,0.5]")
+    _add_overrides(parser, "sampling.extrapolation=0.5, or without the section: nfe=8 gaps=[0.001,0.5]")
     args = parser.parse_intermixed_args(argv)
-    from .training.checkpoint import read_checkpoint_info
-    from .training.generate import steps_for_nfe
     from .training.sampling_run import run_sampling
-    from .training.schema import typed_section
 
     overrides = _sample_overrides(args)
-    if args.nfe is not None:
-        from .training.config import apply_overrides, complete_config
-
-        config = apply_overrides(complete_config(read_checkpoint_info(args.checkpoint).config), overrides)
-        settings = typed_section(config, "sampling")
-        overrides.append(f"sampling.steps={steps_for_nfe(settings.sampler, args.nfe, settings.order)}")
     samples, settings = run_sampling(args.checkpoint, args.out, overrides, args.weights, args.device)
     print(f"ucgm: wrote {samples.samples.shape[0]} samples ({settings.sampler}, {samples.nfe} NFE) to "
           f"{', '.join(map(str, args.out))}", file=sys.stderr)

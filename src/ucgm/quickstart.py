@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .analysis.sweeps import get_sampler
+from .sampling.registry import get_sampler
 from .metrics import sliced_wasserstein
 from .training.artifacts import write_png
 from .training.atomic import atomic_path, atomic_write_text

@@ -2,13 +2,8 @@
 
 from .evolution import EvolutionSettings
 from .gridsearch import EvaluationSet, evolve_time_grid, search_kumaraswamy
-from .sweeps import (
-    FLOW_MATCHING_SAMPLER_NAMES,
-    SAMPLER_NAMES,
-    available_sampler_names,
-    get_sampler,
-    nfe_sweep,
-)
+from ..sampling.registry import FLOW_MATCHING_SAMPLER_NAMES, SAMPLER_NAMES, available_sampler_names, get_sampler
+from .sweeps import nfe_sweep
 from .trajectories import (
     TrajectoryGeometry,
     curvature,

@@ -37,7 +37,7 @@ from ..timegrids import kumaraswamy_grid, uniform_grid
 from ..transports import Transport
 from ..validation import check_positive_int
 from .evolution import Candidate, EvolutionSettings, evolve
-from .sweeps import DEFAULT_GAPS, get_sampler, two_call_intervals, ucgm_intervals
+from ..sampling.registry import DEFAULT_GAPS, get_sampler, two_call_intervals, ucgm_intervals
 
 #: The search settings used when none are given.
 DEFAULT_EVOLUTION = EvolutionSettings()

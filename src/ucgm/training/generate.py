@@ -14,19 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from ..sampling.guidance import ClassifierFreeGuidance
-from ..sampling.solvers import dpm_solver_pp_2m_sample, edm_stochastic_sample, euler_sample, heun_sample
-from ..sampling.ucgm_sampler import ucgm_sample
+from ..sampling.registry import get_sampler
 from ..transports import Transport
 from .schema import SamplingConfig
 from .seeding import SAMPLE_STREAM, derive_seed, seeded_generator
 
-#: Solver functions by ``sampling.sampler`` name (UCGM-S takes the extra UCGM settings).
-SOLVERS: dict[str, Callable] = {
-    "euler": euler_sample,
-    "heun": heun_sample,
-    "dpm++2m": dpm_solver_pp_2m_sample,
-    "edm": edm_stochastic_sample,
-}
 _FRESH_NOISE = 1
 
 
@@ -36,21 +28,6 @@ class Samples(NamedTuple):
     samples: Tensor
     labels: Optional[Tensor]
     nfe: int
-
-
-def steps_for_nfe(sampler: str, nfe: int, order: int = 1) -> int:
-    """The ``steps`` setting that spends about ``nfe`` network calls per sample (never more).
-
-    UCGM-S order 1, Euler and DPM-Solver++(2M) make one call per step; Heun and EDM make ``2 steps - 1``;
-    UCGM-S order 2 with ``steps`` makes ``2 ceil(steps / 2) - 1`` (with a non-zero end gap).
-    """
-    if nfe < 1:
-        raise ValueError(f"nfe={nfe} must be >= 1")
-    if sampler in ("heun", "edm"):
-        return (nfe + 1) // 2
-    if sampler == "ucgm" and order == 2:
-        return nfe if nfe % 2 else max(1, nfe - 1)
-    return nfe
 
 
 def initial_noise(seed: int, indices: range, shape: Sequence[int], device: torch.device) -> Tensor:
@@ -73,17 +50,18 @@ def sample_labels(num: int, num_classes: int, labels: Optional[Sequence[int]] = 
     return torch.tensor([chosen[i % len(chosen)] for i in range(num)], dtype=torch.long)
 
 
+#: The sampling-config settings each registered sampler takes (guidance is applied by wrapping the model).
+UCGM_SAMPLING_SETTINGS = ("stochasticity", "extrapolation", "time_warp", "gaps")
+
+
 def _sampler_call(settings: SamplingConfig, model: Callable, transport: Transport, noise: Tensor,
                   labels: Optional[Tensor], generator: torch.Generator):
-    if settings.sampler == "ucgm":
-        return ucgm_sample(model, transport, noise, labels, steps=settings.steps,
-                           stochasticity=settings.stochasticity, extrapolation=settings.extrapolation,
-                           order=settings.order, time_warp=tuple(settings.time_warp), gaps=tuple(settings.gaps),
-                           generator=generator)
-    solver = SOLVERS[settings.sampler]
-    if settings.sampler == "edm":
-        return solver(model, transport, noise, labels, steps=settings.steps, generator=generator)
-    return solver(model, transport, noise, labels, steps=settings.steps)
+    """Run the registry sampler ``settings.sampler`` with a budget of ``settings.nfe`` network calls."""
+    options = {}
+    if settings.sampler in ("ucgm", "ucgm-o2"):
+        options = {key: getattr(settings, key) for key in UCGM_SAMPLING_SETTINGS}
+        options.update(time_warp=tuple(settings.time_warp), gaps=tuple(settings.gaps))
+    return get_sampler(settings.sampler, options)(model, transport, noise, labels, settings.nfe, generator)
 
 
 @torch.no_grad()

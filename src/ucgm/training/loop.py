@@ -72,10 +72,13 @@ class Trainer:
         self.ema = EvaluationEMA(ema_copy, self.model, training.ema) if ema_copy is not None else None
         self.reference = ReferenceNetwork(mode, reference_copy if reference_copy is not None else self.model,
                                           self.model)
-        self._reports_progress = callable(getattr(objective, "set_progress", None))
         self._total_steps = training.total_steps()
         self.parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
         self.optimizer = build_optimizer(self.parameters, optimizer)
+        # Parameters the objective owns (e.g. sCM's adaptive weighting head) get an optimizer of their own.
+        self.objective_parameters = list(objective.to(self.context.device).parameters())
+        self.objective_optimizer = (build_optimizer(self.objective_parameters, optimizer)
+                                    if self.objective_parameters else None)
         source: BatchSource = batches if hasattr(batches, "shard_batch") else DatasetBatches(batches, training.seed)
         self.plan = ShardPlan(source, training.batch_size, training.grad_accumulation, self.context.rank,
                               self.context.world_size, training.seed, self.context.device)
@@ -119,9 +122,10 @@ class Trainer:
         step = self.step
         warmup = self.optimizer_settings.warmup_steps
         if warmup and step <= warmup:
-            set_lr(self.optimizer, warmup_lr(self.optimizer_settings.lr, step, warmup))
-        if self._reports_progress:
-            self.objective.set_progress(step, self._total_steps)
+            lr = warmup_lr(self.optimizer_settings.lr, step, warmup)
+            for optimizer in filter(None, (self.optimizer, self.objective_optimizer)):
+                set_lr(optimizer, lr)
+        self.objective.set_progress(step, self._total_steps)
         self.reference.before_step(self.objective.reference_decay)
         rounds = self.plan.rounds
         step_loss = None
@@ -136,6 +140,11 @@ class Trainer:
         sanitise_and_clip(self.parameters, self.optimizer_settings.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.objective_optimizer is not None:
+            self.objective.average_gradients()
+            sanitise_and_clip(self.objective_parameters, None)
+            self.objective_optimizer.step()
+            self.objective_optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(step)
         self.step = step + 1
@@ -184,6 +193,9 @@ class Trainer:
         }
         if torch.cuda.is_available():
             state["rng"]["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+        if self.objective_optimizer is not None:
+            state["objective"] = {"weights": self.objective.state_dict(),
+                                  "optimizer": self.objective_optimizer.state_dict()}
         if self.reference.owns_weights:
             state["reference"] = {"weights": get_model_state_dict(self.reference.module, options=_FULL_STATE),
                                   "decay": self.reference.decay}
@@ -212,6 +224,9 @@ class Trainer:
                                       f"reference network this objective needs")
             set_model_state_dict(self.reference.module, reference["weights"], options=_LOAD_FULL_STATE)
             self.reference.decay = float(reference["decay"])
+        if self.objective_optimizer is not None:
+            self.objective.load_state_dict(state["objective"]["weights"])
+            self.objective_optimizer.load_state_dict(state["objective"]["optimizer"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))

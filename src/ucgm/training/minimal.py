@@ -22,12 +22,10 @@ def minimal_training_loop(model: nn.Module, objective: Objective,
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     mode = objective.reference_mode
     reference = ReferenceNetwork(mode, copy.deepcopy(model) if mode in ("ema", "frozen") else model, model)
-    reports_progress = callable(getattr(objective, "set_progress", None))
     losses = []
     for step in range(steps):
         data, labels = batches[step % len(batches)]
-        if reports_progress:
-            objective.set_progress(step, steps)
+        objective.set_progress(step, steps)
         reference.before_step(objective.reference_decay)
         loss = objective(model, data, labels, reference_model=reference.module).loss
         optimizer.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..sampling.registry import SAMPLER_NAMES
 from ..transports import PARAMETERISATIONS, TRANSPORT_NAMES
 
 
@@ -24,7 +25,6 @@ OPTIMIZERS = ("adamw", "radam")
 EMA_KINDS = ("constant", "power", "none")
 PRECISIONS = ("fp32", "bf16")
 PARALLEL_MODES = ("ddp", "fsdp")
-SAMPLERS = ("ucgm", "euler", "heun", "dpm++2m", "edm")
 INIT_WEIGHTS = ("ema", "model")
 #: Largest relative std an EDM2 power-function EMA can have (exponent gamma = 0).
 MAX_POWER_EMA_STD = math.sqrt(1 / 12)
@@ -174,10 +174,9 @@ class SamplingConfig:
     """Default sampler settings for ``ucgm sample`` and the periodic sample grids."""
 
     sampler: str = "ucgm"
-    steps: int = 40
+    nfe: int = 40
     stochasticity: Any = 0.0
     extrapolation: float = 0.0
-    order: int = 1
     time_warp: list = field(default_factory=lambda: [1.0, 1.0, 1.0])
     gaps: list = field(default_factory=lambda: [0.001, 0.001])
     cfg_scale: Optional[float] = None
@@ -188,14 +187,13 @@ class SamplingConfig:
     labels: Optional[list] = None
 
     def validate(self, prefix: str = "sampling") -> None:
-        _check_choice(f"{prefix}.sampler", self.sampler, SAMPLERS)
-        _check_int(f"{prefix}.steps", self.steps, 1)
+        _check_choice(f"{prefix}.sampler", self.sampler, SAMPLER_NAMES)
+        _check_int(f"{prefix}.nfe", self.nfe, 1)
         _require(self.stochasticity in ("sde", "auto") or (_is_number(self.stochasticity)
                                                          and 0 <= self.stochasticity <= 1),
                  f"{prefix}.stochasticity", self.stochasticity, "must lie in [0, 1] or be 'sde' or 'auto'")
         _require(_is_number(self.extrapolation) and self.extrapolation >= 0, f"{prefix}.extrapolation",
                  self.extrapolation, "must be a number >= 0")
-        _check_choice(f"{prefix}.order", self.order, (1, 2))
         _check_numbers(f"{prefix}.time_warp", self.time_warp, 3)
         _check_numbers(f"{prefix}.gaps", self.gaps, 2)
         _require(self.cfg_scale is None or _is_number(self.cfg_scale), f"{prefix}.cfg_scale", self.cfg_scale,

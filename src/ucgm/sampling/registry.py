@@ -1,0 +1,192 @@
+"""The registry of samplers by name, each spending a requested number of network evaluations (NFE).
+
+Every registered sampler has the signature ``(model, transport, noise, labels, nfe, generator,
+return_trajectory=False, **settings) -> SampleResult``; :func:`get_sampler` binds the settings so that the result
+has the uniform signature ``(model, transport, noise, labels, nfe, generator)``. The ODE samplers run on the
+uniform grid ``uniform_grid(N, t_max)`` (setting ``t_max``, default 1), EDM on its Karras grid and UCGM-S on
+``kumaraswamy_grid(N, time_warp, gaps)``. How each sampler spends its budget:
+
+| name | sampler | intervals N for budget n | true NFE |
+|---|---|---|---|
+| ``ucgm`` | UCGM-S, order 1 | N = n | n |
+| ``ucgm-o2`` | UCGM-S, order 2 (gap ``g1 > 0``) | N = floor((n + 1) / 2) | 2N - 1 |
+| ``ucgm-o2`` | UCGM-S, order 2 (gap ``g1 = 0``) | N = floor(n / 2) | 2N |
+| ``euler``, ``dpm++2m`` | Euler, DPM-Solver++(2M) on a uniform grid | N = n | n |
+| ``heun``, ``edm`` | Heun, EDM stochastic (last interval Euler) | N = floor((n + 1) / 2) | 2N - 1 |
+| ``fm-euler`` | Meta ``flow_matching`` ``ODESolver``, Euler | N = n | n |
+| ``fm-midpoint`` | Meta ``flow_matching`` ``ODESolver``, midpoint | N = floor(n / 2) | 2N |
+
+The true NFE is the largest one the sampler can reach without exceeding the budget (so an even budget for a
+sampler of NFE 2N - 1 spends one call less); it is the ``nfe`` of the returned :class:`SampleResult`.
+The ``fm-*`` samplers need the optional package ``flow_matching`` (``pip install flow_matching``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+from typing import Callable, Mapping, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from ..conventions import from_flow_matching_time, to_flow_matching_time, velocity_to_flow_matching
+from .result import SampleResult
+from .solvers import dpm_solver_pp_2m_sample, edm_stochastic_sample, euler_sample, heun_sample
+from .ucgm_sampler import ucgm_sample
+from ..timegrids import uniform_grid
+from ..transports import Transport
+from ..validation import check_positive_int
+
+
+class BudgetedSampler(Protocol):
+    """``(model, transport, noise, labels, nfe, generator) -> SampleResult`` with ``result.nfe <= nfe``; the
+    states on the sampler's grid come back in ``result.trajectory`` when ``return_trajectory``."""
+
+    def __call__(self, model: Callable, transport: Transport, noise: Tensor, labels: Optional[Tensor], nfe: int,
+                 generator: Optional[torch.Generator], return_trajectory: bool = False) -> SampleResult: ...
+
+
+UCGM_SETTINGS = ("stochasticity", "extrapolation", "time_warp", "gaps", "cfg_scale", "cfg_interval")
+ODE_SETTINGS = ("t_max",)
+EDM_SETTINGS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+#: UCGM-S's default boundary gaps (g0, g1), read from :func:`~ucgm.sampling.ucgm_sampler.ucgm_sample`.
+DEFAULT_GAPS = tuple(inspect.signature(ucgm_sample).parameters["gaps"].default)
+
+
+def _check_nfe(name: str, nfe: int, minimum: int = 1) -> None:
+    check_positive_int("nfe", nfe)
+    if nfe < minimum:
+        raise ValueError(f"nfe={nfe} is below the smallest budget {minimum} of sampler {name!r}")
+
+
+def two_call_intervals(nfe: int) -> int:
+    """Intervals ``N = floor((n + 1) / 2)`` of a sampler with NFE ``2N - 1`` (Heun, EDM, UCGM-S order 2)."""
+    return (nfe + 1) // 2
+
+
+def ucgm_intervals(order: int, nfe: int, gaps: Sequence[float] = DEFAULT_GAPS) -> int:
+    """UCGM-S intervals for budget ``nfe``: ``n`` at order 1; at order 2 ``floor((n + 1) / 2)`` when the gap
+    ``g1 > 0`` (NFE ``2N - 1``) and ``floor(n / 2)`` when ``g1 = 0`` (NFE ``2N``)."""
+    name = "ucgm" if order == 1 else "ucgm-o2"
+    _check_nfe(name, nfe)
+    if order == 1:
+        return nfe
+    if float(gaps[1]) != 0.0:
+        return two_call_intervals(nfe)
+    if nfe < 2:
+        raise ValueError(f"nfe={nfe} is below 2, the smallest budget of 'ucgm-o2' with gap g1 = 0")
+    return nfe // 2
+
+
+def _ucgm(order: int, model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
+          **settings) -> SampleResult:
+    intervals = ucgm_intervals(order, nfe, settings.get("gaps", DEFAULT_GAPS))
+    steps = intervals if order == 1 else 2 * intervals  # ucgm_sample runs ceil(steps / 2) intervals at order 2
+    return ucgm_sample(model, transport, noise, labels, steps=steps, order=order, generator=generator,
+                       return_trajectory=return_trajectory, **settings)
+
+
+def _one_call_ode(solver: Callable, name: str, model, transport, noise, labels, nfe, generator,
+                  return_trajectory: bool = False, t_max: float = 1.0) -> SampleResult:
+    _check_nfe(name, nfe)
+    return solver(model, transport, noise, labels, times=uniform_grid(nfe, t_max=t_max),
+                  return_trajectory=return_trajectory)
+
+
+def _heun(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
+          t_max: float = 1.0) -> SampleResult:
+    _check_nfe("heun", nfe)
+    return heun_sample(model, transport, noise, labels, times=uniform_grid(two_call_intervals(nfe), t_max=t_max),
+                       return_trajectory=return_trajectory)
+
+
+def _edm(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
+         **settings) -> SampleResult:
+    _check_nfe("edm", nfe)
+    return edm_stochastic_sample(model, transport, noise, labels, steps=two_call_intervals(nfe),
+                                 generator=generator, return_trajectory=return_trajectory, **settings)
+
+
+def flow_matching_available() -> bool:
+    """Whether Meta's optional ``flow_matching`` package can be imported."""
+    return importlib.util.find_spec("flow_matching") is not None
+
+
+def _flow_matching_ode(method: str, model, transport, noise, labels, nfe, generator,
+                       return_trajectory: bool = False, t_max: float = 1.0) -> SampleResult:
+    """Meta's ``ODESolver`` on the probability-flow ODE, in Meta's time ``t_m = 1 - t`` (0 = noise) with the
+    velocity ``v_m(x, t_m) = -v(x, 1 - t_m)``, from ``x = alpha(t_max) z`` at ``t_m = 1 - t_max`` to ``t_m = 1``;
+    the sample is the end state divided by ``gamma(0)``."""
+    name = f"fm-{method}"
+    calls_per_step = 2 if method == "midpoint" else 1
+    _check_nfe(name, nfe, minimum=calls_per_step)
+    from flow_matching.solver import ODESolver
+
+    calls = 0
+
+    def meta_velocity(x: Tensor, t: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        time = torch.as_tensor(from_flow_matching_time(t), dtype=x.dtype, device=x.device).expand(x.shape[0])
+        prediction = transport.predict(model, x, time, labels)
+        return velocity_to_flow_matching(transport.velocity(prediction.data, prediction.noise, time))
+
+    ucgm_grid = uniform_grid(nfe // calls_per_step, t_max=t_max)
+    meta_grid = to_flow_matching_time(ucgm_grid).to(dtype=noise.dtype, device=noise.device)
+    initial = transport.alpha(ucgm_grid[0]).to(noise.dtype) * noise
+    states = ODESolver(meta_velocity).sample(initial, step_size=None, method=method, time_grid=meta_grid,
+                                            return_intermediates=True)
+    sample = states[-1] / transport.gamma(ucgm_grid[-1]).to(noise.dtype)
+    trajectory = torch.cat([states[:-1], sample[None]]) if return_trajectory else None
+    return SampleResult(sample, trajectory, calls)
+
+
+SAMPLER_NAMES = ("ucgm", "ucgm-o2", "euler", "heun", "dpm++2m", "edm")
+FLOW_MATCHING_SAMPLER_NAMES = ("fm-euler", "fm-midpoint")
+
+SAMPLERS: dict[str, Callable[..., SampleResult]] = {
+    "ucgm": functools.partial(_ucgm, 1),
+    "ucgm-o2": functools.partial(_ucgm, 2),
+    "euler": functools.partial(_one_call_ode, euler_sample, "euler"),
+    "heun": _heun,
+    "dpm++2m": functools.partial(_one_call_ode, dpm_solver_pp_2m_sample, "dpm++2m"),
+    "edm": _edm,
+    "fm-euler": functools.partial(_flow_matching_ode, "euler"),
+    "fm-midpoint": functools.partial(_flow_matching_ode, "midpoint"),
+}
+
+ALLOWED_SETTINGS: dict[str, tuple[str, ...]] = {
+    "ucgm": UCGM_SETTINGS, "ucgm-o2": UCGM_SETTINGS, "euler": ODE_SETTINGS, "heun": ODE_SETTINGS,
+    "dpm++2m": ODE_SETTINGS, "edm": EDM_SETTINGS, "fm-euler": ODE_SETTINGS, "fm-midpoint": ODE_SETTINGS,
+}
+
+
+def available_sampler_names() -> tuple[str, ...]:
+    """The core names, plus ``fm-euler`` and ``fm-midpoint`` when ``flow_matching`` is installed."""
+    return SAMPLER_NAMES + (FLOW_MATCHING_SAMPLER_NAMES if flow_matching_available() else ())
+
+
+def registry_name(key: str) -> str:
+    """The registry name of a sweep key ``"name"`` or ``"name:tag"`` (e.g. ``"ucgm:kappa0.3"``)."""
+    return key.split(":", 1)[0]
+
+
+def get_sampler(name: str, settings: Optional[Mapping[str, object]] = None) -> BudgetedSampler:
+    """The sampler ``name`` (or ``"name:tag"``) with ``settings`` bound: ``(model, transport, noise, labels, nfe,
+    generator) -> SampleResult``. Unknown names or settings raise ``ValueError`` listing the allowed ones; an
+    ``fm-*`` name without ``flow_matching`` installed raises ``ImportError``."""
+    base = registry_name(name)
+    if base not in SAMPLERS:
+        raise ValueError(
+            f"unknown sampler {name!r}; allowed: {', '.join(SAMPLER_NAMES + FLOW_MATCHING_SAMPLER_NAMES)} "
+            f"(the fm-* ones need flow_matching), optionally followed by ':tag'"
+        )
+    if base in FLOW_MATCHING_SAMPLER_NAMES and not flow_matching_available():
+        raise ImportError(f"sampler {base!r} needs Meta's flow_matching package: pip install flow_matching")
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(ALLOWED_SETTINGS[base]))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown} for sampler {base!r}; allowed: {list(ALLOWED_SETTINGS[base])}")
+    return functools.partial(SAMPLERS[base], **settings)
