@@ -63,7 +63,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "digits": Recipe(
         preset="digits",
-        overrides=["model.base_channels=16", "objective.enhanced_ratio=0.3", "training.steps=1500",
+        overrides=["model.base_channels=16", "objective.enhanced_ratio=0.3", "training.steps=2500",
                    "training.batch_size=64", "training.checkpoint_every=500", "training.sample_every=0"],
         tune_overrides=["training.steps=200", "training.checkpoint_every=200", "training.sample_every=0"],
         num_samples=500,

@@ -67,11 +67,13 @@ def weights_checksum(state_dict: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
+@torch.enable_grad()
 def train_digits_classifier(seed: int = TRAINING_SEED) -> tuple[dict[str, Tensor], float]:
     """Train the classifier on the digits training split; returns its weights and held-out accuracy.
 
     Deterministic: fixed seed, deterministic algorithms and one CPU thread (restored afterwards), so the same
-    machine and torch version always give the same weights.
+    machine and torch version always give the same weights. Gradients are on whatever the caller's mode (the
+    classifier is trained on first use, which may happen inside a sampling loop).
     """
     train_images, train_labels = _normalised_split("train")
     previous_threads = torch.get_num_threads()

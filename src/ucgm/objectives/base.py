@@ -7,6 +7,37 @@ from typing import Callable, Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from ..validation import check_finite, check_same_shape
+
+
+def unwrap(model: Callable) -> Callable:
+    """The module inside a DDP/FSDP wrapper (no-gradient passes bypass the wrapper's gradient hooks)."""
+    return getattr(model, "module", model)
+
+
+def resolve_null_label(model: Callable, null_label: Optional[int]) -> Optional[int]:
+    """The null (unconditional) label: ``null_label`` when given, else the model's ``num_classes``."""
+    return null_label if null_label is not None else getattr(unwrap(model), "num_classes", None)
+
+
+def drop_labels(labels: Optional[Tensor], probability: float, null_label: Optional[int],
+                generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
+    """Replace each label by ``null_label`` with ``probability`` (classifier-free guidance training); labels pass
+    unchanged when there are none, no null label, or ``probability == 0``."""
+    if labels is None or null_label is None or probability == 0:
+        return labels
+    keep = torch.rand(labels.shape[0], generator=generator).to(labels.device) >= probability
+    return torch.where(keep, labels, torch.full_like(labels, null_label))
+
+
+def draw_noise(data: Tensor, noise: Optional[Tensor], generator: Optional[torch.Generator] = None) -> Tensor:
+    """``noise`` checked against ``data`` (same shape, finite), or fresh ``N(0, I)`` noise from ``generator``."""
+    if noise is None:
+        return torch.randn(data.shape, generator=generator, dtype=data.dtype).to(data.device)
+    check_same_shape("noise", noise, "data", data)
+    check_finite("noise", noise)
+    return noise
+
 
 class ObjectiveOutput(NamedTuple):
     """``loss``: the scalar to differentiate; ``per_sample``: its per-sample terms; ``stats``: extra scalars to log."""

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ..transports import Transport, make_transport
-from ..validation import check_batch, check_choice, check_finite, check_positive_int, check_range, check_same_shape
-from .base import Objective
+from ..validation import check_batch, check_choice, check_finite, check_positive_int, check_range
+from .base import Objective, draw_noise, drop_labels, resolve_null_label, unwrap
 from .consistency_param import (
     CONSISTENCY_PARAMETERISATIONS,
     ConsistencyModel,
@@ -35,11 +35,6 @@ REFERENCES = ("ema", "online", "frozen")
 WEIGHTINGS = ("uniform", "inverse_gap")
 """Per-sample loss weights: ``uniform`` (CM) or iCT's ``1 / (sigma_t - sigma_r)``."""
 ICT_HUBER_SCALE = 0.00054
-
-
-def unwrap(model: Callable) -> Callable:
-    """The module inside a DDP/FSDP wrapper."""
-    return getattr(model, "module", model)
 
 
 @contextmanager
@@ -125,15 +120,8 @@ class ConsistencyObjectiveBase(Objective):
         """Check the batch; return ``(noise, labels after label dropout, seed of the shared network RNG)``."""
         check_finite("data", data)
         check_batch("labels", labels, data.shape[0])
-        if noise is None:
-            noise = torch.randn(data.shape, generator=generator, dtype=data.dtype).to(data.device)
-        else:
-            check_same_shape("noise", noise, "data", data)
-            check_finite("noise", noise)
-        null_label = self.null_label if self.null_label is not None else getattr(unwrap(model), "num_classes", None)
-        if labels is not None and null_label is not None and self.label_dropout > 0:
-            keep = torch.rand(labels.shape[0], generator=generator).to(labels.device) >= self.label_dropout
-            labels = torch.where(keep, labels, torch.full_like(labels, null_label))
+        noise = draw_noise(data, noise, generator)
+        labels = drop_labels(labels, self.label_dropout, resolve_null_label(model, self.null_label), generator)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         return noise, labels, seed
 

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..transports import Transport, make_transport
 from ..validation import check_batch, check_finite, check_range
-from .base import Objective, ObjectiveOutput
+from .base import Objective, ObjectiveOutput, draw_noise, drop_labels, resolve_null_label
 
 
 class FlowMatchingObjective(Objective):
@@ -41,12 +41,8 @@ class FlowMatchingObjective(Objective):
         check_batch("labels", labels, data.shape[0])
         if time is None:
             time = torch.rand(data.shape[0], generator=generator, dtype=data.dtype).to(data.device)
-        if noise is None:
-            noise = torch.randn(data.shape, generator=generator, dtype=data.dtype).to(data.device)
-        null_label = self.null_label if self.null_label is not None else getattr(getattr(model, "module", model), "num_classes", None)
-        if labels is not None and null_label is not None and self.label_dropout > 0:
-            keep = torch.rand(labels.shape[0], generator=generator).to(labels.device) >= self.label_dropout
-            labels = torch.where(keep, labels, torch.full_like(labels, null_label))
+        noise = draw_noise(data, noise, generator)
+        labels = drop_labels(labels, self.label_dropout, resolve_null_label(model, self.null_label), generator)
         x_t = self.transport.interpolate(data, noise, time)
         output = self.transport.network_output(model, x_t, time, labels)
         per_sample = ((output - self.transport.target(data, noise, time)) ** 2).flatten(1).mean(dim=1)

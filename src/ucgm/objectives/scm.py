@@ -50,9 +50,9 @@ import torch.distributed as distributed
 from torch import Tensor, nn
 
 from ..transports import Transport, TransportAdapter, TrigPath, broadcast_time, make_transport
-from ..validation import check_batch, check_choice, check_finite, check_positive_int, check_range, check_same_shape
+from ..validation import check_batch, check_choice, check_finite, check_positive_int, check_range
 from .adaptive_weighting import AdaptiveWeighting
-from .base import Objective, ObjectiveOutput
+from .base import Objective, ObjectiveOutput, draw_noise, drop_labels, resolve_null_label, unwrap
 from .teacher import resolve_teacher
 from .scm_tangent import (
     TANGENT_METHODS,
@@ -64,7 +64,6 @@ from .scm_tangent import (
     scm_tangent,
     tangent_warmup_ratio,
 )
-from .ucgm import unwrap
 
 #: ``teacher="reference"`` distils from the trainer's frozen copy of the model the run started from.
 REFERENCE_TEACHER = "reference"
@@ -241,20 +240,6 @@ class SCMObjective(Objective):
             raise ValueError("time must lie in (0, 1] (t = 0 is data; the finite-difference step is relative to t)")
         return time
 
-    def _noise(self, noise: Optional[Tensor], data: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-        if noise is None:
-            return torch.randn(data.shape, generator=generator, dtype=data.dtype).to(data.device)
-        check_same_shape("noise", noise, "data", data)
-        check_finite("noise", noise)
-        return noise
-
-    def _labels(self, labels: Optional[Tensor], model: Callable, generator: Optional[torch.Generator]):
-        null_label = self.null_label if self.null_label is not None else getattr(unwrap(model), "num_classes", None)
-        if labels is None or null_label is None or self.label_dropout == 0:
-            return labels
-        keep = torch.rand(labels.shape[0], generator=generator).to(labels.device) >= self.label_dropout
-        return torch.where(keep, labels, torch.full_like(labels, null_label))
-
     # -------------------------------------------------------------------------------------- step
     def __call__(
         self,
@@ -274,8 +259,8 @@ class SCMObjective(Objective):
         if self.reference_teacher and reference_model is None:
             raise ValueError("teacher='reference' needs the trainer's reference_model (reference_mode 'frozen')")
         time = self._times(time, data, generator)
-        noise = self._noise(noise, data, generator)
-        labels = self._labels(labels, model, generator)
+        noise = draw_noise(data, noise, generator)
+        labels = drop_labels(labels, self.label_dropout, resolve_null_label(model, self.null_label), generator)
         transport = self.transport
         x_t = transport.interpolate(data, noise, time)
         random_state = capture_random_state(data.device)

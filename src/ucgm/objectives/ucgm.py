@@ -40,8 +40,9 @@ import torch.nn.functional as functional
 from torch import Tensor
 
 from ..transports import Transport, broadcast_time, make_transport
-from ..validation import check_batch, check_choice, check_finite, check_range, check_same_shape
-from .base import Objective, ObjectiveOutput
+from ..validation import check_batch, check_choice, check_finite, check_range
+from .base import Objective, ObjectiveOutput, draw_noise, resolve_null_label, unwrap
+from .base import drop_labels as drop_labels_with
 
 ENHANCED_STYLES = ("ft-vs-fe", "fc-vs-fe", "fc-vs-xz")
 """Where the two predictions of the enhanced target come from:
@@ -60,11 +61,6 @@ OFFICIAL_NAMES = {
     "scaled_cbl_eps": "huber_constant", "wt_cosine_loss": "cosine_loss", "weight_funcion": "time_weighting",
     "time_dist_ctrl": "time_distribution",
 }
-
-
-def unwrap(model: Callable) -> Callable:
-    """The module inside a DDP/FSDP wrapper (no-gradient passes bypass the wrapper's gradient hooks)."""
-    return getattr(model, "module", model)
 
 
 def sample_beta_time(batch_size: int, shape: Sequence[float], generator: Optional[torch.Generator] = None,
@@ -197,14 +193,6 @@ class UCGMObjective(Objective):
         """Training times ``t = clamp(k Beta(a, b), 0, 1)``."""
         return sample_beta_time(batch_size, self.time_distribution, generator, device)
 
-    def drop_labels(self, labels: Tensor, null_label: int, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Replace each label by the null label with probability ``label_dropout`` (classifier-free guidance)."""
-        keep = torch.rand(labels.shape[0], generator=generator).to(labels.device) >= self.label_dropout
-        return torch.where(keep, labels, torch.full_like(labels, null_label))
-
-    def _null_label(self, model: Callable) -> Optional[int]:
-        return self.null_label if self.null_label is not None else getattr(unwrap(model), "num_classes", None)
-
     def _enhance(self, value: Tensor, conditional: Tensor, reference: Tensor, in_range: Tensor,
                  dropped: Tensor) -> Tensor:
         """Per-sample enhanced target of step 2 (applied to x and to z alike)."""
@@ -262,14 +250,10 @@ class UCGMObjective(Objective):
             time = torch.as_tensor(time, dtype=data.dtype, device=data.device).reshape(-1)
             check_batch("time", time, batch_size)
             check_finite("time", time)
-        if noise is None:
-            noise = torch.randn(data.shape, generator=generator, dtype=data.dtype).to(data.device)
-        else:
-            check_same_shape("noise", noise, "data", data)
-            check_finite("noise", noise)
-        null_label = self._null_label(model)
-        if labels is not None and drop_labels and null_label is not None and self.label_dropout > 0:
-            labels = self.drop_labels(labels, null_label, generator)
+        noise = draw_noise(data, noise, generator)
+        null_label = resolve_null_label(model, self.null_label)
+        if drop_labels:
+            labels = drop_labels_with(labels, self.label_dropout, null_label, generator)
 
         transport = self.transport
         x_t = transport.interpolate(data, noise, time)
