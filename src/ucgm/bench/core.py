@@ -70,7 +70,7 @@ def objective_cost(quick: bool) -> tuple[dict, dict]:
             forward_model(data, times, labels)
 
     variants["forward"] = forward
-    medians = interleaved_medians(variants, repeats=15 if quick else 60)
+    medians = interleaved_medians(variants, repeats=25 if quick else 60)
     ratios = {name: medians[name] / medians["fm"] for name in OBJECTIVE_SETTINGS}
     bounds = {name: 1 + extra * medians["forward"] / medians["fm"] for name, (_, extra) in OBJECTIVE_SETTINGS.items()}
     details = {"fm_step_seconds": medians["fm"], "forward_seconds": medians["forward"], "bounds": bounds,
