@@ -34,6 +34,7 @@ def register_section(name: str, run: Callable[[bool], dict], markdown: Callable[
 
 def _register_builtin_sections() -> None:
     from . import report_core  # noqa: F401  (registers "core")
+    from . import report_quality  # noqa: F401  (registers "quality")
 
 
 def run_benchmarks(quick: bool, sections: Optional[list[str]] = None) -> dict:
