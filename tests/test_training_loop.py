@@ -207,7 +207,7 @@ def test_objective_parameters_are_trained_and_resumed_exactly(tmp_path):
     from ucgm.training.schema import typed_section
 
     config = tiny_gmm_config("transport.name=trigflow", "objective=scm", "objective.tangent_method=finite_difference",
-                             "objective.tangent_warmup_steps=2")
+                             "objective.tangent_warmup_steps=2", "objective.adaptive_weighting=true")
     dataset = build_dataset(config)
     config = with_data_defaults(config, dataset.shape, dataset.num_classes)
 

@@ -34,19 +34,21 @@ from .evaluation import (
     SPEC_SYNTAX,
     SamplerSpec,
     draw_samples,
+    effective_settings,
+    jsonable_settings,
     markdown_tables,
     parse_nfe_list,
     parse_sampler_specs,
     plot_nfe_quality,
+    run_ucgm_settings,
 )
-from .sampling.registry import get_sampler
 from .metrics.fid import DINOv2Features, InceptionFeatures, MissingWeightsError
 from .metrics.suites import FeatureDistance, MetricSuite, build_metric_suite
+from .sampling.registry import get_sampler
 from .training.atomic import atomic_write_text
 from .training.checkpoint import CheckpointError
 from .training.components import sampling_network
 from .training.distributed import resolve_device
-from .training.generate import UCGM_SAMPLING_SETTINGS
 from .training.sampling_run import LoadedCheckpoint, load_checkpoint_model
 from .training.schema import ConfigError
 from .training.yaml_io import parse_yaml
@@ -54,25 +56,12 @@ from .validation import check_positive_int
 
 DEFAULT_NFES = "1,2,4,8,16,32,64"
 DEFAULT_SAMPLERS = "ucgm,euler"
-UCGM_FAMILY = ("ucgm", "ucgm-o2")
-
-
-def run_ucgm_settings(config: dict) -> dict:
-    """The run's UCGM-S settings (``sampling`` section), the base of every ``ucgm`` / ``ucgm-o2`` spec."""
-    sampling = config.get("sampling") or {}
-    settings = {key: sampling[key] for key in UCGM_SAMPLING_SETTINGS if key in sampling}
-    return {key: tuple(value) if isinstance(value, list) else value for key, value in settings.items()}
 
 
 def default_model_name(checkpoint: Path | str) -> str:
     """The run directory's name (or the file's directory for a weights file)."""
     path = Path(checkpoint).resolve()
     return path.parent.name if path.is_file() else path.name
-
-
-def effective_settings(spec: SamplerSpec, run_settings: dict) -> dict:
-    """The spec's settings over the run's UCGM-S settings (``ucgm`` family) or alone (other samplers)."""
-    return {**(run_settings if spec.name in UCGM_FAMILY else {}), **spec.settings}
 
 
 def _preflight(network, transport, samplers: Sequence, nfes: Sequence[int], shape: Sequence[int],
@@ -106,19 +95,16 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, specs: Sequence[SamplerSpec], 
                              batch_size, device)
         for measured in suite.evaluate(drawn.samples, drawn.labels):
             record = {**common, "sampler": spec.label, "nfe": drawn.nfe, "metric": measured.metric,
-                      "value": measured.value, "budget": nfe, "settings": _jsonable(settings[spec.label]), **extra}
+                      "value": measured.value, "budget": nfe, "settings": jsonable_settings(settings[spec.label]),
+                      **extra}
             if measured.protocol is not None:
                 record["protocol"] = measured.protocol
             records.append(record)
     for measured in suite.baselines():
-        records.append({"dataset": suite.dataset, "model": "reference data", "sampler": "sample-noise floor",
+        records.append({"dataset": suite.dataset, "model": "reference data", "sampler": suite.baseline_name,
                         "nfe": 0, "metric": measured.metric, "value": measured.value, "budget": 0,
                         "num_samples": num, **({"protocol": measured.protocol} if measured.protocol else {})})
     return records
-
-
-def _jsonable(settings: dict) -> dict:
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
 
 
 def render_markdown(records: Sequence[dict], header: dict) -> str:

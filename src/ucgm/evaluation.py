@@ -29,10 +29,12 @@ from torch import Tensor
 
 from .sampling.registry import BudgetedSampler, SAMPLER_NAMES, get_sampler
 from .training.atomic import atomic_path
-from .training.generate import initial_noise, sample_labels
+from .training.generate import UCGM_SAMPLING_SETTINGS, initial_noise, sample_labels
 from .training.seeding import SAMPLE_STREAM, derive_seed, seeded_generator
 from .training.yaml_io import parse_yaml
 
+#: Samplers whose settings start from the run's ``sampling`` section.
+UCGM_FAMILY = ("ucgm", "ucgm-o2")
 #: Seed coordinate of the fresh noise of stochastic samplers (the one ``ucgm sample`` uses).
 FRESH_NOISE_STREAM = 1
 SPEC_SYNTAX = "NAME[:KEY=VALUE[:KEY=VALUE ...]], comma-separated (e.g. ucgm,euler,ucgm:extrapolation=0.3)"
@@ -44,6 +46,23 @@ class SamplerSpec(NamedTuple):
     label: str
     name: str
     settings: dict
+
+
+def run_ucgm_settings(config: dict) -> dict:
+    """A run's UCGM-S settings (its ``sampling`` section's stochasticity, extrapolation, time_warp and gaps)."""
+    sampling = config.get("sampling") or {}
+    settings = {key: sampling[key] for key in UCGM_SAMPLING_SETTINGS if key in sampling}
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in settings.items()}
+
+
+def effective_settings(spec: SamplerSpec, run_settings: dict) -> dict:
+    """The spec's settings over the run's UCGM-S settings (``ucgm`` family) or alone (other samplers)."""
+    return {**(run_settings if spec.name in UCGM_FAMILY else {}), **spec.settings}
+
+
+def jsonable_settings(settings: dict) -> dict:
+    """Settings with tuples as lists, as JSON records hold them."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
 
 
 def split_outside_brackets(text: str, separator: str) -> list[str]:
@@ -72,7 +91,8 @@ def parse_sampler_spec(text: str) -> SamplerSpec:
     for assignment in assignments:
         key, equals, value = (part.strip() for part in assignment.partition("="))
         if not equals or not key:
-            raise ValueError(f"setting {assignment!r} of sampler spec {text!r} is not KEY=VALUE; expected {SPEC_SYNTAX}")
+            raise ValueError(f"setting {assignment!r} of sampler spec {text!r} is not KEY=VALUE; "
+                             f"expected {SPEC_SYNTAX}")
         settings[key] = parse_yaml(value)
         written.append(f"{key}={value}")
     try:

@@ -35,6 +35,8 @@ def register_section(name: str, run: Callable[[bool], dict], markdown: Callable[
 def _register_builtin_sections() -> None:
     from . import report_core  # noqa: F401  (registers "core")
     from . import report_quality  # noqa: F401  (registers "quality")
+    from . import report_trainer  # noqa: F401  (registers "trainer")
+    from . import report_consistency  # noqa: F401  (registers "consistency")
 
 
 def run_benchmarks(quick: bool, sections: Optional[list[str]] = None) -> dict:

@@ -10,17 +10,22 @@ Models are trained by ucgm's own trainer into a temporary directory (determinist
 Every sampler starts from the same seeded noise (seed 0, :func:`ucgm.evaluation.draw_samples`). GMM quality is the
 sliced W2 (256 projections) of ``num_gmm`` samples against ``num_reference`` exact mixture samples (seed 12345);
 the sample-noise floor is the same distance for ``num_gmm`` exact samples (seeds 1000, 1001, ...), mean and std
-over ``floor_repeats`` draws. Digits quality is the digits FD of ``num_digits`` samples against the held-out split.
+over ``floor_repeats`` draws. Digits quality is the digits FD of ``num_digits`` samples against the held-out split
+(floor: as many training-split digits).
 
 Samplers at NFE 4, 8, 16: UCGM-S with the official defaults (the registry's: rho = 0, kappa = 0, warp (1, 1, 1),
 gaps (0.001, 0.001)); on the GMM also UCGM-S with *searched* settings: for each NFE, the boundary gaps from
-{(0.001, 0.001), (0.001, 0)} and the Kumaraswamy warp and kappa found by :func:`~ucgm.analysis.search_kumaraswamy`
-on separate search noise (seed 1) scored against separate exact samples (seed 777), reported on the evaluation
-noise; Euler, Heun, DPM-Solver++(2M) on uniform grids, and Meta ``flow_matching``'s ``ODESolver`` (Euler,
-midpoint) when that package is installed.
+:data:`SEARCH_GAPS` and the Kumaraswamy warp and kappa found by :func:`~ucgm.analysis.search_kumaraswamy` on
+separate search noise (seed 1, ``num_search`` samples) scored by sliced W2 with 64 other projections against
+separate exact samples (seed 777); the table reports them on the evaluation noise. Baselines: Euler, Heun,
+DPM-Solver++(2M) on uniform grids, and Meta ``flow_matching``'s ``ODESolver`` (Euler, midpoint) when installed.
+The NFE-8 comparison of UCGM-S with Euler is repeated on ``paired_repeats`` further noise seeds (100, 101, ...):
+the mean and std of the paired differences say whether a gap is larger than the sampling noise.
 
-``few_vs_multi``: sliced W2 of the few-step model at NFE 2 (UCGM-S with its tuned sampling settings) divided by
-that of the multi-step model at NFE 64 (UCGM-S, official defaults); target <= :data:`FEW_VS_MULTI_TARGET`.
+``few_vs_multi``: sliced W2 of the few-step model at NFE 2 divided by that of the multi-step model at NFE 64
+(UCGM-S, official defaults); target <= :data:`FEW_VS_MULTI_TARGET`. The few-step model samples with its run's tuned
+settings whose stochasticity and end gap are chosen from :data:`FEW_STEP_GRID` on the search set (the ratio with
+the run's settings unchanged is reported too).
 """
 
 from __future__ import annotations
@@ -31,15 +36,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 import torch
 from torch import Tensor
 
 from ..analysis import EvaluationSet, EvolutionSettings, search_kumaraswamy
 from ..data.mixtures import make_mixture
-from ..evaluate import run_ucgm_settings
-from ..evaluation import draw_samples
-from ..metrics import sliced_wasserstein
-from ..metrics.suites import NUM_PROJECTIONS, REFERENCE_SEED
+from ..evaluation import draw_samples, jsonable_settings, run_ucgm_settings
+from ..metrics.suites import REFERENCE_SEED, SlicedW2Against
 from ..sampling.registry import available_sampler_names, get_sampler
 from ..training.components import accepted_keys, sampling_network
 from ..training.config import resolve_config
@@ -49,13 +53,19 @@ from ..training.sampling_run import load_checkpoint_model
 from ..training.tune import tune_config
 
 QUALITY_NFES = (4, 8, 16)
+COMPARISON_NFE = 8
 FEW_STEP_NFE, MULTI_STEP_NFE = 2, 64
 FEW_VS_MULTI_TARGET = 1.2
-SEARCH_NOISE_SEED, SEARCH_REFERENCE_SEED, FLOOR_SEED = 1, 777, 1000
+SEARCH_NOISE_SEED, SEARCH_REFERENCE_SEED, FLOOR_SEED, PAIRED_SEED = 1, 777, 1000, 100
+#: Projections of the search's sliced W2 (its own directions, seed 1); the reported values use 256.
+SEARCH_PROJECTIONS = 64
 #: Boundary gaps the search may choose: the official default and g1 = 0 (no call spent at t ~ 0).
 SEARCH_GAPS = ((0.001, 0.001), (0.001, 0.0))
+#: Few-step UCGM-S (stochasticity, end gap g1) pairs searched at NFE 2.
+FEW_STEP_GRID = tuple((rho, gap) for rho in (0.0, 0.5, 1.0) for gap in (0.1, 0.2, 0.3, 0.5))
 MULTI_STEP, FEW_STEP = "multi-step (flow matching)", "few-step (UCGM-T tuned)"
-UCGM_DEFAULTS, UCGM_SEARCHED, UCGM_TUNED = "ucgm (official defaults)", "ucgm (searched)", "ucgm (tuned settings)"
+UCGM_DEFAULTS, UCGM_SEARCHED = "ucgm (official defaults)", "ucgm (searched)"
+UCGM_TUNED, UCGM_TUNED_SEARCHED = "ucgm (run's tuned settings)", "ucgm (searched rho, g1)"
 #: Baseline samplers by label: registry name (settings are the registry defaults).
 BASELINE_SAMPLERS = {"euler": "euler", "heun": "heun", "dpm++2m": "dpm++2m", "fm-euler (Meta ODESolver)": "fm-euler",
                      "fm-midpoint (Meta ODESolver)": "fm-midpoint"}
@@ -63,23 +73,27 @@ BASELINE_SAMPLERS = {"euler": "euler", "heun": "heun", "dpm++2m": "dpm++2m", "fm
 
 @dataclass(frozen=True)
 class QualitySizes:
-    """Training steps, sample counts and search budget of one benchmark size."""
+    """Training steps, sample counts, repeats and search budget of one benchmark size."""
 
     gmm_steps: int
     tune_steps: int
     digits_steps: int
     num_gmm: int
     num_reference: int
+    num_search: int
     num_digits: int
     floor_repeats: int
+    paired_repeats: int
     search_population: int
     search_generations: int
 
 
 QUICK = QualitySizes(gmm_steps=1500, tune_steps=150, digits_steps=300, num_gmm=5000, num_reference=20000,
-                     num_digits=300, floor_repeats=3, search_population=8, search_generations=3)
-FULL = QualitySizes(gmm_steps=3000, tune_steps=300, digits_steps=2000, num_gmm=5000, num_reference=20000,
-                    num_digits=1000, floor_repeats=5, search_population=16, search_generations=10)
+                     num_search=2000, num_digits=300, floor_repeats=3, paired_repeats=3, search_population=8,
+                     search_generations=3)
+FULL = QualitySizes(gmm_steps=3000, tune_steps=300, digits_steps=2000, num_gmm=20000, num_reference=100000,
+                    num_search=5000, num_digits=1000, floor_repeats=5, paired_repeats=5, search_population=16,
+                    search_generations=10)
 
 
 def _objective_overrides(objective: dict) -> list[str]:
@@ -97,7 +111,8 @@ def train_gmm_models(workdir: Path, sizes: QualitySizes) -> tuple[Path, Path]:
     run_training(config, multi_dir, progress=False)
     tune_objective = {"name": "ucgm", **config["tune"]["objective"], "enhanced_ratio": 0.0}  # unconditional data
     run_training(tune_config(multi_dir, _objective_overrides(tune_objective) + [
-        f"training.steps={sizes.tune_steps}", f"training.checkpoint_every={sizes.tune_steps}"]), few_dir, progress=False)
+        f"training.steps={sizes.tune_steps}", f"training.checkpoint_every={sizes.tune_steps}"]), few_dir,
+        progress=False)
     return multi_dir, few_dir
 
 
@@ -125,7 +140,7 @@ class _Model:
 
     def sample(self, name: str, settings: dict, nfe: int, num: int, seed: int = 0) -> tuple[Tensor, int]:
         drawn = draw_samples(self.network, self.transport, get_sampler(name, settings), nfe, self.shape,
-                             self.num_classes, num, seed)
+                             self.num_classes, num, seed, batch_size=num)
         return drawn.samples, drawn.nfe
 
 
@@ -140,7 +155,7 @@ def comparison_samplers() -> dict[str, tuple[str, dict]]:
 def _record(dataset: str, model: str, sampler: str, nfe: int, budget: int, metric: str, value: float,
             settings: dict) -> dict:
     return {"dataset": dataset, "model": model, "sampler": sampler, "nfe": nfe, "metric": metric, "value": value,
-            "budget": budget, "settings": {key: list(v) if isinstance(v, tuple) else v for key, v in settings.items()}}
+            "budget": budget, "settings": jsonable_settings(settings)}
 
 
 def search_ucgm(model: _Model, nfe: int, search: EvaluationSet, heldout: EvaluationSet,
@@ -163,49 +178,96 @@ def search_ucgm(model: _Model, nfe: int, search: EvaluationSet, heldout: Evaluat
     return {"settings": settings, "searches": reports}
 
 
+class _GmmSetting:
+    """The GMM protocol: the mixture, the reported metric, and the search / evaluation sets of the searches."""
+
+    def __init__(self, sizes: QualitySizes, shape: tuple):
+        self.sizes = sizes
+        self.mixture = make_mixture("8gaussians")
+        self.metric = SlicedW2Against(self._exact(sizes.num_reference, REFERENCE_SEED))
+        search_metric = SlicedW2Against(self._exact(sizes.num_reference, SEARCH_REFERENCE_SEED), SEARCH_PROJECTIONS,
+                                        seed=SEARCH_NOISE_SEED)
+        cpu = torch.device("cpu")
+        self.search = EvaluationSet(initial_noise(SEARCH_NOISE_SEED, range(sizes.num_search), shape, cpu),
+                                    search_metric)
+        self.heldout = EvaluationSet(initial_noise(0, range(sizes.num_gmm), shape, cpu), self.metric)
+
+    def _exact(self, count: int, seed: int) -> Tensor:
+        return self.mixture.sample(count, torch.Generator().manual_seed(seed))[0]
+
+    def floor(self) -> dict:
+        """Sliced W2 of ``num_gmm`` exact samples (seeds 1000, 1001, ...): mean, std and the values."""
+        values = [self.metric(self._exact(self.sizes.num_gmm, FLOOR_SEED + repeat))
+                  for repeat in range(self.sizes.floor_repeats)]
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "values": values}
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def paired_comparison(model: _Model, samplers: dict[str, dict], metric: SlicedW2Against, sizes: QualitySizes) -> dict:
+    """UCGM-S settings vs Euler at NFE 8 on ``paired_repeats`` further noise seeds (100, 101, ...; ``num_gmm``
+    samples each): per seed, the sliced W2 of each; the mean and std over seeds of each difference to Euler."""
+    seeds = [PAIRED_SEED + repeat for repeat in range(sizes.paired_repeats)]
+    values = {label: [metric(model.sample(name, settings, COMPARISON_NFE, sizes.num_gmm, seed)[0]) for seed in seeds]
+              for label, (name, settings) in samplers.items()}
+    differences = {label: _mean_std([mine - euler for mine, euler in zip(values[label], values["euler"])])
+                   for label in values if label != "euler"}
+    return {"nfe": COMPARISON_NFE, "seeds": seeds, "values": values, "difference_to_euler": differences}
+
+
+def search_few_step_settings(model: _Model, search: EvaluationSet) -> dict:
+    """The few-step model's UCGM-S settings at NFE 2: the run's own, with stochasticity and end gap from
+    :data:`FEW_STEP_GRID` chosen on the search set."""
+    scores = {}
+    for stochasticity, end_gap in FEW_STEP_GRID:
+        settings = {**model.run_settings, "stochasticity": stochasticity, "gaps": (0.001, end_gap)}
+        sampler = get_sampler("ucgm", settings)
+        scores[(stochasticity, end_gap)] = search.score(
+            lambda noise, labels: sampler(model.network, model.transport, noise, labels, FEW_STEP_NFE,
+                                          torch.Generator().manual_seed(0)))[0]
+    stochasticity, end_gap = min(scores, key=scores.get)
+    return {**model.run_settings, "stochasticity": stochasticity, "gaps": (0.001, end_gap)}
+
+
 def gmm_quality(multi_dir: Path, few_dir: Path, sizes: QualitySizes) -> tuple[list[dict], dict, dict]:
-    """GMM records, the few-vs-multi ratio and the details (floor, searches)."""
-    mixture = make_mixture("8gaussians")
-    reference, _ = mixture.sample(sizes.num_reference, torch.Generator().manual_seed(REFERENCE_SEED))
-    search_reference, _ = mixture.sample(sizes.num_reference, torch.Generator().manual_seed(SEARCH_REFERENCE_SEED))
-
-    def metric(samples: Tensor) -> float:
-        return sliced_wasserstein(samples, reference, NUM_PROJECTIONS, seed=0)
-
-    floors = [metric(mixture.sample(sizes.num_gmm, torch.Generator().manual_seed(FLOOR_SEED + repeat))[0])
-              for repeat in range(sizes.floor_repeats)]
+    """GMM records, the few-vs-multi ratio and the details (floor, searches, paired NFE-8 comparison)."""
     multi, few = _Model(multi_dir), _Model(few_dir)
+    setting = _GmmSetting(sizes, tuple(multi.shape))
+    metric = setting.metric
     records = []
     for label, (name, settings) in comparison_samplers().items():
         for nfe in QUALITY_NFES:
             samples, spent = multi.sample(name, settings, nfe, sizes.num_gmm)
             records.append(_record("gmm", MULTI_STEP, label, spent, nfe, "sliced_w2", metric(samples), settings))
-    shape = tuple(multi.shape)
-    search = EvaluationSet(initial_noise(SEARCH_NOISE_SEED, range(sizes.num_gmm), shape, torch.device("cpu")),
-                           lambda samples: sliced_wasserstein(samples, search_reference, NUM_PROJECTIONS, seed=0))
-    heldout = EvaluationSet(initial_noise(0, range(sizes.num_gmm), shape, torch.device("cpu")), metric)
     searches = {}
     for nfe in QUALITY_NFES:
-        found = search_ucgm(multi, nfe, search, heldout, sizes)
-        searches[nfe] = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in found["settings"].items()},
-                         "searches": found["searches"]}
+        found = search_ucgm(multi, nfe, setting.search, setting.heldout, sizes)
+        searches[nfe] = {**found, "settings": jsonable_settings(found["settings"])}
         samples, spent = multi.sample("ucgm", found["settings"], nfe, sizes.num_gmm)
         records.append(_record("gmm", MULTI_STEP, UCGM_SEARCHED, spent, nfe, "sliced_w2", metric(samples),
                                found["settings"]))
-    few_samples, few_nfe = few.sample("ucgm", few.run_settings, FEW_STEP_NFE, sizes.num_gmm)
-    multi_samples, multi_nfe = multi.sample("ucgm", {}, MULTI_STEP_NFE, sizes.num_gmm)
-    few_record = _record("gmm", FEW_STEP, UCGM_TUNED, few_nfe, FEW_STEP_NFE, "sliced_w2", metric(few_samples),
-                         few.run_settings)
-    multi_record = _record("gmm", MULTI_STEP, UCGM_DEFAULTS, multi_nfe, MULTI_STEP_NFE, "sliced_w2",
-                           metric(multi_samples), {})
-    records += [few_record, multi_record]
+    paired = paired_comparison(multi, {UCGM_SEARCHED: ("ucgm", searches[COMPARISON_NFE]["settings"]),
+                                       UCGM_DEFAULTS: ("ucgm", {}), "euler": ("euler", {})}, metric, sizes)
+    few_records = {}
+    for label, settings in ((UCGM_TUNED, few.run_settings),
+                            (UCGM_TUNED_SEARCHED, search_few_step_settings(few, setting.search))):
+        samples, spent = few.sample("ucgm", settings, FEW_STEP_NFE, sizes.num_gmm)
+        few_records[label] = _record("gmm", FEW_STEP, label, spent, FEW_STEP_NFE, "sliced_w2", metric(samples),
+                                     settings)
+    samples, spent = multi.sample("ucgm", {}, MULTI_STEP_NFE, sizes.num_gmm)
+    multi_record = _record("gmm", MULTI_STEP, UCGM_DEFAULTS, spent, MULTI_STEP_NFE, "sliced_w2", metric(samples), {})
+    records += [*few_records.values(), multi_record]
+    few_record = few_records[UCGM_TUNED_SEARCHED]
     ratio = few_record["value"] / multi_record["value"]
     few_vs_multi = {"ratio": ratio, "few_step": few_record["value"], "multi_step": multi_record["value"],
                     "few_step_nfe": FEW_STEP_NFE, "multi_step_nfe": MULTI_STEP_NFE, "target": FEW_VS_MULTI_TARGET,
-                    "met": ratio <= FEW_VS_MULTI_TARGET, "few_step_settings": few_record["settings"]}
-    details = {"floor": {"mean": statistics.fmean(floors), "std": statistics.stdev(floors) if len(floors) > 1 else 0.0,
-                         "values": floors},
-               "searches": searches}
+                    "met": ratio <= FEW_VS_MULTI_TARGET, "few_step_settings": few_record["settings"],
+                    "ratio_with_run_settings": few_records[UCGM_TUNED]["value"] / multi_record["value"],
+                    "run_settings": few_records[UCGM_TUNED]["settings"]}
+    details = {"floor": setting.floor(), "searches": searches, "paired_nfe8": paired}
     return records, few_vs_multi, details
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol, Union
@@ -71,16 +72,17 @@ def file_sha256(path: PathLike) -> str:
     return digest.hexdigest()
 
 
-def resolve_local_path(given: Optional[PathLike], env_var: str, what: str, how_to_get: str,
+def resolve_local_path(given: Optional[PathLike], env_var: str, what: str, how_to_get: str, cli_option: str,
                        directory: bool = False) -> Path:
-    """``given``, else ``$env_var``; raises :class:`MissingWeightsError` naming ``what`` when neither points to an
-    existing file (or directory, when ``directory``)."""
+    """``given``, else ``$env_var``; raises :class:`MissingWeightsError` naming ``what`` (and the ``ucgm evaluate``
+    option that gives it) when neither points to an existing file (or directory, when ``directory``)."""
     source = "argument" if given is not None else f"${env_var}"
     value = given if given is not None else os.environ.get(env_var)
     kind = "directory" if directory else "file"
     if not value:
         raise MissingWeightsError(
-            f"{what} is needed but no {kind} was given: pass its path, or set {env_var}=/path/to/it. {how_to_get}")
+            f"{what} is needed but no {kind} was given: pass its path ({cli_option} for ucgm evaluate), or set "
+            f"{env_var}=/path/to/it. {how_to_get}")
     path = Path(value).expanduser()
     exists = path.is_dir() if directory else path.is_file()
     if not exists:
@@ -129,17 +131,20 @@ def _batched_features(images: Tensor, batch_size: int, extract, expected_dim: in
 class InceptionFeatures:
     """FID features: the TorchScript TensorFlow-FID Inception-v3 at ``weights`` (or ``$UCGM_INCEPTION_WEIGHTS``)."""
 
-    name = "inception-v3-tf-2015-12-05 (TorchScript)"
+    name = "TorchScript FID network (expects inception-2015-12-05.pt; identify it by sha256)"
     feature_dim = INCEPTION_FEATURE_DIM
 
     def __init__(self, weights: Optional[PathLike] = None, batch_size: int = 64, device: str = "cpu"):
         self.weights_path = resolve_local_path(
             weights, INCEPTION_WEIGHTS_ENV, f"the FID Inception network file ({INCEPTION_FILE_NAME})",
             "It is NVIDIA's TorchScript conversion of the TensorFlow FID Inception-v3 (the file StyleGAN2-ADA / "
-            "StyleGAN3 / EDM download as metrics/inception-2015-12-05.pkl or .pt); copy it to this machine.")
+            "StyleGAN3 / EDM download as metrics/inception-2015-12-05.pkl or .pt); copy it to this machine.",
+            "--inception-weights")
         self.sha256 = file_sha256(self.weights_path)
         try:
-            self.network = torch.jit.load(str(self.weights_path), map_location=device).eval()
+            with warnings.catch_warnings():  # the published FID network is TorchScript, deprecated or not
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.network = torch.jit.load(str(self.weights_path), map_location=device).eval()
         except RuntimeError as error:
             raise ValueError(f"{str(self.weights_path)!r} is not a loadable TorchScript Inception network "
                              f"({error})") from error
@@ -167,13 +172,13 @@ class DINOv2Features:
         check_choice("DINOv2 model", model, DINOV2_FEATURE_DIMS)
         self.repo_path = resolve_local_path(
             repo, DINOV2_REPO_ENV, "the DINOv2 code (a local clone of facebookresearch/dinov2 with its hubconf.py)",
-            "Clone or copy the repository to this machine and give its directory.", directory=True)
+            "Clone or copy the repository to this machine and give its directory.", "--dinov2-repo", directory=True)
         if not (self.repo_path / "hubconf.py").is_file():
             raise MissingWeightsError(f"the DINOv2 code directory {str(self.repo_path)!r} has no hubconf.py; give "
                                       "the root of a facebookresearch/dinov2 clone")
         self.weights_path = resolve_local_path(
             weights, DINOV2_WEIGHTS_ENV, f"the DINOv2 weights file ({model}_pretrain.pth)",
-            f"Copy the official {model}_pretrain.pth state dict to this machine.")
+            f"Copy the official {model}_pretrain.pth state dict to this machine.", "--dinov2-weights")
         self.sha256 = file_sha256(self.weights_path)
         network = torch.hub.load(str(self.repo_path), model, source="local", pretrained=False, verbose=False)
         network.load_state_dict(torch.load(self.weights_path, map_location="cpu", weights_only=True))

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from ..validation import check_positive_int
-from .distances import mmd, sliced_wasserstein
+from ._inputs import as_sample_matrix, check_same_dimension
+from .distances import _empirical_w2_squared, mmd
 from .fid import FeatureNetwork, frechet_feature_distance, reference_statistics
 from .mixture_metrics import mixture_log_likelihood, mode_coverage
 
@@ -35,6 +36,32 @@ NUM_PROJECTIONS = 256
 MMD_BANDWIDTH_FACTORS = (0.5, 1.0, 2.0)
 #: Rows of the reference used to find the median pairwise distance.
 MEDIAN_SUBSET = 2000
+
+
+def _sorted_columns(matrix: Tensor) -> Tensor:
+    """Each column sorted (sorting contiguous rows of the transpose is several times faster on the CPU)."""
+    return torch.sort(matrix.T.contiguous(), dim=1).values.T
+
+
+class SlicedW2Against:
+    """``sliced_wasserstein(samples, reference, num_projections, seed)`` for many sample sets against one
+    reference: the same directions and value, with the reference's sorted projections computed once."""
+
+    def __init__(self, reference: Tensor, num_projections: int = NUM_PROJECTIONS, seed: int = 0):
+        check_positive_int("num_projections", num_projections)
+        reference = as_sample_matrix("reference", reference)
+        self.num_reference = reference.shape[0]
+        generator = torch.Generator().manual_seed(seed)
+        directions = torch.randn(reference.shape[1], num_projections, generator=generator, dtype=torch.float64)
+        self.directions = directions / directions.norm(dim=0, keepdim=True)
+        self.reference = reference
+        self.sorted_reference = _sorted_columns(reference @ self.directions)
+
+    def __call__(self, samples: Tensor) -> float:
+        samples = as_sample_matrix("samples", samples)
+        check_same_dimension("samples", samples, "reference", self.reference)
+        sorted_samples = _sorted_columns(samples @ self.directions)
+        return float(_empirical_w2_squared(sorted_samples, self.sorted_reference).mean().sqrt())
 
 
 class MetricValue(NamedTuple):
@@ -53,9 +80,11 @@ class FeatureDistance(NamedTuple):
 
 
 class MetricSuite:
-    """The metrics of one dataset: ``evaluate(samples, labels)`` and the reference ``baselines()``."""
+    """The metrics of one dataset: ``evaluate(samples, labels)`` and ``baselines()``, the same metrics of
+    reference samples (named ``baseline_name``): the sample-noise floor."""
 
     dataset: str
+    baseline_name: str
 
     def evaluate(self, samples: Tensor, labels: Optional[Tensor]) -> list[MetricValue]:
         raise NotImplementedError
@@ -73,6 +102,7 @@ class MixtureSuite(MetricSuite):
     """Sliced W2, mode statistics and exact log-likelihood against a :class:`~ucgm.data.mixtures.GaussianMixture`."""
 
     dataset = "gmm"
+    baseline_name = "exact mixture samples"
 
     def __init__(self, mixture, num_samples: int, num_classes: int, num_reference: int = 20000):
         check_positive_int("num_reference", num_reference, minimum=2)
@@ -80,14 +110,15 @@ class MixtureSuite(MetricSuite):
         self.num_samples = num_samples
         self.num_classes = num_classes
         generator = torch.Generator().manual_seed(REFERENCE_SEED)
-        self.reference, _ = mixture.sample(num_reference, generator, _class_labels(num_reference, num_classes))
+        reference, _ = mixture.sample(num_reference, generator, _class_labels(num_reference, num_classes))
+        self.sliced_w2 = SlicedW2Against(reference)
 
     def evaluate(self, samples: Tensor, labels: Optional[Tensor]) -> list[MetricValue]:
-        protocol = {"num_samples": int(samples.shape[0]), "num_reference": int(self.reference.shape[0]),
+        protocol = {"num_samples": int(samples.shape[0]), "num_reference": self.sliced_w2.num_reference,
                     "reference": f"exact mixture samples, seed {REFERENCE_SEED}", "projections": NUM_PROJECTIONS}
         modes = mode_coverage(samples, self.mixture)
         return [
-            MetricValue("sliced_w2", sliced_wasserstein(samples, self.reference, NUM_PROJECTIONS, seed=0), protocol),
+            MetricValue("sliced_w2", self.sliced_w2(samples), protocol),
             MetricValue("missing_modes", float(modes["missing_modes"])),
             MetricValue("mode_tv", modes["mode_histogram_tv"]),
             MetricValue("log_likelihood", mixture_log_likelihood(samples, self.mixture, labels)),
@@ -103,6 +134,7 @@ class DigitsSuite(MetricSuite):
     """The digits Fréchet distance against the held-out split, plus any opt-in feature distances."""
 
     dataset = "digits"
+    baseline_name = "training-split digits"
 
     def __init__(self, num_samples: int, feature_distances: Sequence[FeatureDistance] = ()):
         from ..data.digits import DIGITS_NORMALISATION, load_digits_split
@@ -132,7 +164,9 @@ class DataSuite(MetricSuite):
                  feature_distances: Sequence[FeatureDistance] = (), reference_images: Optional[Tensor] = None,
                  decode: Optional[Callable[[Tensor], Tensor]] = None):
         self.dataset = dataset_name
+        self.baseline_name = "a disjoint slice of the reference data"
         self.reference = reference
+        self.sliced_w2 = SlicedW2Against(reference)
         self.spare = spare
         self.source = source
         subset = reference[:MEDIAN_SUBSET].reshape(min(MEDIAN_SUBSET, reference.shape[0]), -1).double()
@@ -148,7 +182,7 @@ class DataSuite(MetricSuite):
         protocol = {"num_samples": int(samples.shape[0]), "num_reference": int(self.reference.shape[0]),
                     "reference": self.source, "space": "model space, flattened"}
         values = [
-            MetricValue("sliced_w2", sliced_wasserstein(samples, self.reference, NUM_PROJECTIONS, seed=0), protocol),
+            MetricValue("sliced_w2", self.sliced_w2(samples), {**protocol, "projections": NUM_PROJECTIONS}),
             MetricValue("mmd", mmd(samples, self.reference, self.bandwidths),
                         {**protocol, "bandwidths": list(self.bandwidths)}),
         ]

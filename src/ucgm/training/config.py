@@ -24,6 +24,10 @@ from .schema import (
 from .yaml_io import dump_yaml, parse_yaml
 
 PRESET_DIRECTORY = Path(__file__).resolve().parent.parent / "configs"
+#: The section of a preset holding per-objective defaults, ``objectives: {NAME: {SECTION: {...}}}``.
+OBJECTIVE_DEFAULTS = "objectives"
+#: The sections an ``objectives.NAME`` entry may set.
+OBJECTIVE_DEFAULT_SECTIONS = ("model", "transport", "objective", "optimizer", "training", "sampling")
 
 #: ``accepted_keys(section, name)``: the option names the component ``name`` of an open section accepts, or
 #: ``None`` when unknown. Lets overrides name options a preset does not list.
@@ -167,8 +171,9 @@ def apply_override(config: dict, key: str, value, accepted_keys: AcceptedKeys = 
     """Set dotted ``key`` to ``value`` in a copy of ``config``.
 
     ``SECTION=NAME`` for an open section sets ``SECTION.name``; when that changes the component, the section's
-    other options are dropped (they belonged to the previous component). An unknown key is an error that names
-    the closest valid key.
+    other options are dropped (they belonged to the previous component) and, for the objective, the preset's
+    defaults for the new one apply (:func:`switch_objective`). An unknown key is an error that names the closest
+    valid key.
     """
     config = copy.deepcopy(config)
     parts = key.split(".")
@@ -182,6 +187,8 @@ def apply_override(config: dict, key: str, value, accepted_keys: AcceptedKeys = 
         raise unknown_key_error(key, config_keys(config, accepted_keys))
     renames_component = len(parts) == 2 and parts[1] == "name" and section not in CLOSED_SECTIONS
     if renames_component and config[section].get("name") != value:
+        if section == "objective":
+            return switch_objective(config, value)
         config[section] = {}
     target = config
     for part in parts[:-1]:
@@ -189,6 +196,26 @@ def apply_override(config: dict, key: str, value, accepted_keys: AcceptedKeys = 
         if not isinstance(target, dict):
             raise ConfigError(f"override {key}: {part!r} is not a mapping")
     target[parts[-1]] = value
+    return config
+
+
+def switch_objective(config: dict, name) -> dict:
+    """A copy of ``config`` training objective ``name``: the objective section becomes ``{"name": name}`` plus the
+    preset's per-objective defaults ``objectives.NAME.objective``, and the entry's other sections
+    (:data:`OBJECTIVE_DEFAULT_SECTIONS`) are merged over the config (e.g. the TrigFlow transport sCM needs).
+
+    Without an ``objectives.NAME`` entry only the objective section changes (to the class defaults).
+    """
+    entries = config.get(OBJECTIVE_DEFAULTS, {}) or {}
+    entry = entries.get(name, {}) if isinstance(name, str) else {}
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{OBJECTIVE_DEFAULTS}.{name} must be a mapping of sections, got {entry!r}")
+    unknown = sorted(set(entry) - set(OBJECTIVE_DEFAULT_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{OBJECTIVE_DEFAULTS}.{name} sets section(s) {unknown}; allowed sections: "
+                          f"{', '.join(OBJECTIVE_DEFAULT_SECTIONS)}")
+    config = merge_configs(config, {key: value for key, value in entry.items() if key != "objective"})
+    config["objective"] = {"name": name, **copy.deepcopy(entry.get("objective", {}))}
     return config
 
 

@@ -2,8 +2,10 @@
 
 A config is a nested dict with the sections of :data:`SECTIONS`. The *closed* sections (``transport``,
 ``optimizer``, ``training``, ``sampling``, ``init``) have the fixed keys of the dataclasses below; the *open*
-sections (``data``, ``model``, ``objective``, ``tune``) are handed to the builders of those components (and, for
-``tune``, merged over the config by ``ucgm tune``), which check their own keys.
+sections (``data``, ``model``, ``objective``, ``tune``, ``objectives``) are handed to the builders of those
+components (``tune`` is merged over the config by ``ucgm tune``; ``objectives`` holds a preset's per-objective
+defaults, applied by the ``objective=NAME`` override, see :func:`ucgm.training.config.switch_objective`), which check
+their own keys.
 """
 
 from __future__ import annotations
@@ -228,7 +230,8 @@ CLOSED_SECTIONS: dict[str, type] = {
     "sampling": SamplingConfig,
     "init": InitConfig,
 }
-SECTIONS = ("data", "model", "transport", "objective", "optimizer", "training", "sampling", "init", "tune")
+SECTIONS = ("data", "model", "transport", "objective", "optimizer", "training", "sampling", "init", "tune",
+            "objectives")
 #: Open sections that must name the component to build.
 NAMED_SECTIONS = ("data", "model", "objective")
 

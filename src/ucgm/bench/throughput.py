@@ -1,0 +1,95 @@
+"""Training-step throughput on the trainer's real ``train_step`` path, for side-by-side benchmarks.
+
+Shared by the ``trainer`` section (the trainer against :func:`~ucgm.training.minimal.minimal_training_loop`) and the
+``consistency`` section (the step cost of each objective relative to flow matching). A *like-for-like* config
+switches off what a minimal loop does not do: evaluation EMA, gradient clipping and learning-rate warm-up (no hooks
+run, so nothing is logged, checkpointed or sampled), and uses the minimal loop's optimizer (AdamW with torch's
+defaults, the config's learning rate); the trainer still seeds its per-step generators, reseeds the global RNG,
+sanitises gradients and accumulates the loss on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from typing import Callable, Iterator, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..training.batches import CycledBatches
+from ..training.components import build_dataset, build_model, build_objective, build_transport, with_data_defaults
+from ..training.config import apply_overrides, validate_config
+from ..training.loop import Trainer
+from ..training.schema import typed_section
+from ..training.seeding import DATA_STREAM, INIT_STREAM, derive_seed, seed_global_rngs
+
+#: Overrides that reduce the trainer to what a minimal loop does (``training.device`` pinned to the CPU), with
+#: ``torch.optim.AdamW``'s default hyper-parameters (those of the minimal loop's optimizer; only the lr is kept).
+_ADAMW_DEFAULTS = inspect.signature(torch.optim.AdamW).parameters
+LIKE_FOR_LIKE = ("training.ema.kind=none", "optimizer.warmup_steps=0", "optimizer.grad_clip=null",
+                 "training.device=cpu", "optimizer.name=adamw",
+                 f"optimizer.betas={list(_ADAMW_DEFAULTS['betas'].default)}",
+                 f"optimizer.eps={_ADAMW_DEFAULTS['eps'].default}",
+                 f"optimizer.weight_decay={_ADAMW_DEFAULTS['weight_decay'].default}")
+#: Ready-made batches cycled through by the timed loops.
+NUM_BATCHES = 4
+
+Batch = tuple[Tensor, Optional[Tensor]]
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the block with one intra-op thread (restoring the previous count afterwards)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def like_for_like(config: dict) -> dict:
+    """``config`` (resolved) without EMA, clipping and warm-up, on the CPU."""
+    return validate_config(apply_overrides(config, LIKE_FOR_LIKE))
+
+
+class TrainingSetup(NamedTuple):
+    """What a timed loop needs: the config with data-derived model options, initial weights and fixed batches."""
+
+    config: dict
+    model: nn.Module
+    batches: list[Batch]
+
+
+def training_setup(config: dict, num_batches: int = NUM_BATCHES) -> TrainingSetup:
+    """The model of ``config`` initialised as a run would initialise it, and ``num_batches`` batches of
+    ``training.batch_size`` drawn from its dataset (seeded by the run seed)."""
+    training = typed_section(config, "training")
+    dataset = build_dataset(config)
+    config = with_data_defaults(config, dataset.shape, dataset.num_classes)
+    seed_global_rngs(derive_seed(training.seed, INIT_STREAM), torch.device("cpu"))
+    model = build_model(config)
+    generator = torch.Generator().manual_seed(derive_seed(training.seed, DATA_STREAM))
+    batches = [dataset.sample_batch(training.batch_size, generator) for _ in range(num_batches)]
+    return TrainingSetup(config, model, batches)
+
+
+def make_trainer(config: dict, model: nn.Module, batches: Optional[list[Batch]] = None) -> Trainer:
+    """A trainer of ``config`` on a copy of ``model``: fed the ready-made ``batches`` in turn, or, without them,
+    drawing every step's batch from the config's dataset as a run does."""
+    source = CycledBatches(batches) if batches is not None else build_dataset(config)
+    objective = build_objective(config, build_transport(config))
+    return Trainer(copy.deepcopy(model), objective, source, typed_section(config, "training"),
+                   typed_section(config, "optimizer"))
+
+
+def trainer_block(trainer: Trainer, steps: int) -> Callable[[], None]:
+    """A callable running ``steps`` training steps of ``trainer``."""
+
+    def run() -> None:
+        for _ in range(steps):
+            trainer.train_step()
+
+    return run
