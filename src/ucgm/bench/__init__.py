@@ -72,7 +72,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (about a minute)")
     parser.add_argument("--out", default="benchmarks/bench.json", help="JSON report path; a .md table is written beside")
     parser.add_argument("--sections", default=None, help="comma-separated subset of sections (default: all)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (default 1: stable ratios when other processes share the cores)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     sections = args.sections.split(",") if args.sections else None
     report = run_benchmarks(args.quick, sections)
     out = Path(args.out)
