@@ -92,8 +92,8 @@ QUICK = QualitySizes(gmm_steps=1500, tune_steps=150, digits_steps=300, num_gmm=5
                      num_search=2000, num_digits=300, floor_repeats=3, paired_repeats=3, search_population=8,
                      search_generations=3)
 FULL = QualitySizes(gmm_steps=3000, tune_steps=300, digits_steps=2000, num_gmm=20000, num_reference=100000,
-                    num_search=5000, num_digits=1000, floor_repeats=5, paired_repeats=5, search_population=16,
-                    search_generations=10)
+                    num_search=10000, num_digits=1000, floor_repeats=5, paired_repeats=5, search_population=12,
+                    search_generations=6)
 
 
 def _objective_overrides(objective: dict) -> list[str]:
