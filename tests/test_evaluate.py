@@ -37,6 +37,10 @@ def _evaluate(run_dir, out, *arguments: str) -> int:
     return main([str(run_dir), "--out", str(out), "--num", "200", "--num-reference", "1000", *arguments])
 
 
+def _values(out) -> list[float]:
+    return [record["value"] for record in json.loads((out / "metrics.json").read_text())]
+
+
 def test_writes_records_table_and_plot(gmm_run, tmp_path):
     assert _evaluate(gmm_run, tmp_path, "--nfe", "1,2,4", "--sampler", "ucgm,euler,heun") == 0
     records = json.loads((tmp_path / "metrics.json").read_text())
@@ -64,11 +68,13 @@ def test_writes_records_table_and_plot(gmm_run, tmp_path):
 def test_same_seed_same_numbers_whatever_the_batch_size(gmm_run, tmp_path):
     arguments = ("--nfe", "2,4", "--sampler", "ucgm,dpm++2m", "--seed", "3")
     assert _evaluate(gmm_run, tmp_path / "a", *arguments) == 0
-    assert _evaluate(gmm_run, tmp_path / "b", *arguments, "--batch-size", "64") == 0
-    assert _evaluate(gmm_run, tmp_path / "c", "--nfe", "2,4", "--sampler", "ucgm,dpm++2m", "--seed", "4") == 0
-    first, second, other = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in "abc")
-    assert [record["value"] for record in first] == [record["value"] for record in second]
-    assert [record["value"] for record in first] != [record["value"] for record in other]
+    assert _evaluate(gmm_run, tmp_path / "again", *arguments) == 0
+    assert _evaluate(gmm_run, tmp_path / "batched", *arguments, "--batch-size", "64") == 0
+    assert _evaluate(gmm_run, tmp_path / "other", "--nfe", "2,4", "--sampler", "ucgm,dpm++2m", "--seed", "4") == 0
+    first, again, batched, other = (_values(tmp_path / name) for name in ("a", "again", "batched", "other"))
+    assert first == again
+    assert first == pytest.approx(batched, rel=1e-6, abs=1e-9)
+    assert first != other
 
 
 def test_sampler_settings_syntax_and_run_settings(gmm_run, tmp_path):

@@ -14,8 +14,8 @@ such as the sample-noise floor) are records with ``nfe = 0``.
 
 **Sampling.** Sample ``i`` starts from the noise of generator ``(seed, i)`` (:func:`~ucgm.training.generate.
 initial_noise`) with label ``i % num_classes``; stochastic samplers draw fresh noise from a generator seeded by
-``(seed, batch start)``, the scheme of ``ucgm sample``. Deterministic samplers give the same samples whatever the
-batch size.
+``(seed, batch start)``, the scheme of ``ucgm sample``. Deterministic samplers give the same samples (up to
+floating-point rounding) whatever the batch size.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ def _summary(rows: list[dict]) -> str:
     methods = [row for row in rows if row["method"] != "flow_matching"]
     degrading = [f"{row['dataset']} {row['method']}" for row in methods if row["degrades_with_steps"]]
     improving = [f"{row['dataset']} {row['method']}" for row in methods if not row["degrades_with_steps"]]
-    return (f"Quality degrades as steps grow (NFE-16 value > best value x {1 + DEGRADATION_TOLERANCE:g}) for "
+    return (f"Quality degrades as steps grow (NFE-16 value > best value by more than {DEGRADATION_TOLERANCE:.0%} "
+            f"and 2 floor std) for "
             f"{len(degrading)} of {len(methods)} few-step models: {', '.join(degrading) or 'none'}; "
             f"it does not for {', '.join(improving) or 'none'}.")
 
@@ -61,8 +62,9 @@ def markdown(report: dict) -> str:
              f"{digits['flow_matching_step_seconds'] * 1e3:.1f} ms digits). Best NFE in bold.", ""]
     for dataset, dataset_details in (("gmm", gmm), ("digits", digits)):
         floor = dataset_details["floor"]
+        spread = f" ± {floor['std']:.2g}" if floor["std"] else ""
         lines += [f"**{dataset}** ({METRIC_NAMES[dataset]} of {dataset_details['num_samples']} samples; "
-                  f"floor of exact data {floor['mean']:.4g}):", "",
+                  f"floor of exact data {floor['mean']:.4g}{spread}):", "",
                   *_dataset_table([row for row in rows if row["dataset"] == dataset]), ""]
     lines.append(_summary(rows))
     if sizes["gmm_steps"] < 1000:
