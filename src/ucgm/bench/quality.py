@@ -301,4 +301,5 @@ def run_quality(sizes: QualitySizes) -> dict:
     details = {"sizes": asdict(sizes), "gmm": gmm_details, "digits": digits_details,
                "training_seconds": round(trained - started, 1),
                "evaluation_seconds": round(time.perf_counter() - trained, 1)}
-    return {"quality": gmm_records + digits_records, "few_vs_multi": few_vs_multi, "quality_details": details}
+    return {"quality": gmm_records + digits_records, "few_vs_multi": few_vs_multi["ratio"],
+            "few_vs_multi_details": few_vs_multi, "quality_details": details}

@@ -62,7 +62,7 @@ def _search_lines(searches: dict) -> list[str]:
 def markdown(report: dict) -> str:
     if "quality" not in report:
         return ""
-    records, details, ratio = report["quality"], report["quality_details"], report["few_vs_multi"]
+    records, details, ratio = report["quality"], report["quality_details"], report["few_vs_multi_details"]
     floor = details["gmm"]["floor"]
     sizes = details["sizes"]
     table_records = [record for record in records if record["budget"] in QUALITY_NFES]
