@@ -21,8 +21,8 @@ from ucgm.bench.consistency import (
 )
 from ucgm.bench.report_trainer import BlockSizes
 from ucgm.bench.throughput import like_for_like, make_trainer, training_setup
-from ucgm.training.components import accepted_keys
-from ucgm.training.config import resolve_config
+from ucgm.cli.components import accepted_keys
+from ucgm.cli.config import resolve_config
 
 TINY_SIZES = ConsistencySizes(gmm_steps=2, digits_steps=1, num_gmm=64, num_reference=256, num_digits=64,
                               floor_repeats=2, timing_block_steps=1, timing_rounds=1)

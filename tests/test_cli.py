@@ -13,7 +13,7 @@ from training_fixtures import TINY_GMM, losses
 
 from ucgm.cli import main
 from ucgm.training.checkpoint import latest_checkpoint, read_checkpoint_info, read_state, read_weights
-from ucgm.training.config import read_yaml_mapping
+from ucgm.cli.config import read_yaml_mapping
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,9 @@ def test_resuming_with_a_different_method_is_refused(trained_run, capsys):
 
 def test_lazy_dispatch_to_other_modules(monkeypatch):
     calls = []
-    fake = types.ModuleType("ucgm.edit")
+    fake = types.ModuleType("ucgm.cli.edit")
     fake.main = lambda argv: calls.append(argv) or 0
-    monkeypatch.setitem(__import__("sys").modules, "ucgm.edit", fake)
+    monkeypatch.setitem(__import__("sys").modules, "ucgm.cli.edit", fake)
     assert main(["edit", "--flag", "value"]) == 0
     assert calls == [["--flag", "value"]]
 

@@ -15,17 +15,17 @@ import torch
 from ucgm.data.mixtures import OracleModel, eight_gaussians
 from ucgm.metrics import sliced_wasserstein
 from ucgm.models import MLP
-from ucgm.objectives import FlowMatchingObjective, UCGMObjective, build_objective
-from ucgm.objectives.consistency import (
+from ucgm.methods import FlowMatchingObjective, UCGMObjective, build_objective
+from ucgm.methods.consistency.cm import (
     ConsistencyDistillation,
     ConsistencyTraining,
     EasyConsistencyTuning,
     ImprovedConsistencyTraining,
 )
-from ucgm.objectives.consistency_base import sampling_model_from_config, shared_randomness
-from ucgm.objectives.consistency_param import ConsistencyModel, ConsistencyParameterisation, TimeRange
-from ucgm.objectives.consistency_registry import CONSISTENCY_OBJECTIVES, CONSISTENCY_PRESETS
-from ucgm.objectives.consistency_schedules import (
+from ucgm.methods.consistency.base import sampling_model_from_config, shared_randomness
+from ucgm.methods.consistency.parameterisation import ConsistencyModel, ConsistencyParameterisation, TimeRange
+from ucgm.methods.consistency.presets import CONSISTENCY_OBJECTIVES, CONSISTENCY_PRESETS
+from ucgm.methods.consistency.schedules import (
     adaptive_ema_decay,
     adaptive_num_scales,
     doubling_num_scales,
@@ -35,9 +35,9 @@ from ucgm.objectives.consistency_schedules import (
     lognormal_pair_probabilities,
     sample_truncated_lognormal,
 )
-from ucgm.objectives.multistep_consistency import MultistepConsistency, ddim_step, segment_edges
-from ucgm.objectives.tcm import TruncatedConsistency
-from ucgm.objectives.teacher import TeacherODE
+from ucgm.methods.consistency.mcm import MultistepConsistency, ddim_step, segment_edges
+from ucgm.methods.consistency.tcm import TruncatedConsistency
+from ucgm.methods.teachers import TeacherODE
 from ucgm.sampling.consistency_sampler import (
     adjusted_ddim_step,
     consistency_sample,
@@ -569,8 +569,8 @@ def test_bad_calls_raise_value_errors():
 
 def test_cd_teacher_from_a_checkpoint_or_a_model(tmp_path):
     from ucgm.training.checkpoint import write_checkpoint
-    from ucgm.training.components import accepted_keys, build_model, with_data_defaults
-    from ucgm.training.config import resolve_config
+    from ucgm.cli.components import accepted_keys, build_model, with_data_defaults
+    from ucgm.cli.config import resolve_config
 
     config = with_data_defaults(resolve_config("gmm", ["model.hidden=16", "model.depth=1"], accepted_keys), (2,), 8)
     teacher = build_model(config)

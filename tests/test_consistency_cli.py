@@ -13,10 +13,10 @@ import torch
 from training_fixtures import TINY_GMM, losses
 
 from ucgm.cli import main
-from ucgm.objectives.consistency_registry import CONSISTENCY_PRESETS
+from ucgm.methods.consistency.presets import CONSISTENCY_PRESETS
 from ucgm.training.checkpoint import complete_checkpoints, read_weights
-from ucgm.training.components import accepted_keys
-from ucgm.training.config import load_config_source, read_yaml_mapping, resolve_config
+from ucgm.cli.components import accepted_keys
+from ucgm.cli.config import load_config_source, read_yaml_mapping, resolve_config
 from ucgm.training.schema import ConfigError
 
 OBJECTIVES = ("cd", "ct", "ict", "ect", "mcm", "tcm", "scm")

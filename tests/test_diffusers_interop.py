@@ -19,7 +19,7 @@ from ucgm.interop.diffusers_models import (  # noqa: E402
     sample_diffusers_model,
 )
 from ucgm.interop.diffusers_scheduler import UCGMScheduler  # noqa: E402
-from ucgm.interop.diffusers_schedules import (  # noqa: E402
+from ucgm.interop.diffusers_transports import (  # noqa: E402
     DiscreteVPPath,
     diffusers_vp_transport,
     transport_from_scheduler_config,

@@ -15,7 +15,7 @@ import torch
 from ucgm.data.digits import DIGITS_NORMALISATION, load_digits_split
 from ucgm.data.mixtures import GaussianMixture, OracleModel
 from ucgm.models import MLP
-from ucgm.objectives import consistency_registry  # noqa: F401  (registers the consistency objectives)
+from ucgm.methods import consistency_registry  # noqa: F401  (registers the consistency objectives)
 from ucgm.sampling.editing import (
     BlockSubspace,
     LUMA_WEIGHTS,
@@ -154,8 +154,8 @@ def test_bad_editing_input_raises_value_errors():
 def digits_checkpoint(tmp_path):
     """A run directory holding one checkpoint of a small (untrained) UNet trained 'with' ct on the digits."""
     from ucgm.training.checkpoint import write_checkpoint
-    from ucgm.training.components import accepted_keys, build_model, with_data_defaults
-    from ucgm.training.config import resolve_config
+    from ucgm.cli.components import accepted_keys, build_model, with_data_defaults
+    from ucgm.cli.config import resolve_config
 
     config = resolve_config("digits", ["model.base_channels=8"], accepted_keys)
     config["objective"] = {"name": "ct"}
@@ -168,7 +168,7 @@ def digits_checkpoint(tmp_path):
 
 
 def test_edit_command_inpaints_and_writes_atomically(digits_checkpoint, tmp_path):
-    from ucgm.edit import main
+    from ucgm.cli.edit import main
 
     raw, _ = load_digits_split("heldout")
     np.save(tmp_path / "digits.npy", raw[:4].numpy())
@@ -187,7 +187,7 @@ def test_edit_command_inpaints_and_writes_atomically(digits_checkpoint, tmp_path
 
 
 def test_edit_command_reports_bad_input(digits_checkpoint, tmp_path, capsys):
-    from ucgm.edit import main
+    from ucgm.cli.edit import main
 
     np.save(tmp_path / "digits.npy", np.zeros((2, 1, 8, 8), dtype=np.float32))
     base = [str(digits_checkpoint), "--input", str(tmp_path / "digits.npy"), "--out", str(tmp_path / "o.npz")]

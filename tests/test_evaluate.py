@@ -14,12 +14,12 @@ from training_fixtures import tiny_gmm_config
 from ucgm.bench.quality import FEW_VS_MULTI_TARGET, QUALITY_NFES, QualitySizes, run_quality
 from ucgm.bench.report_quality import markdown as quality_markdown
 from ucgm.cli import main as cli_main
-from ucgm.evaluate import main
-from ucgm.evaluation import find_value, markdown_tables, parse_nfe_list, parse_sampler_specs
+from ucgm.cli.evaluate import main
+from ucgm.analysis.reports import find_value, markdown_tables, parse_nfe_list, parse_sampler_specs
 from ucgm.metrics import sliced_wasserstein
 from ucgm.metrics.fid import INCEPTION_WEIGHTS_ENV
 from ucgm.metrics.suites import SlicedW2Against, build_metric_suite
-from ucgm.training.run import run_training
+from ucgm.cli.train import run_training
 
 RECORD_KEYS = {"dataset", "model", "sampler", "nfe", "metric", "value"}
 

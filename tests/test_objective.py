@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from ucgm.objectives import FlowMatchingObjective, UCGMObjective, build_objective
-from ucgm.objectives.base import drop_labels
-from ucgm.objectives.ucgm import data_prediction_tangent, sample_beta_time
+from ucgm.methods import FlowMatchingObjective, UCGMObjective, build_objective
+from ucgm.methods.base import drop_labels
+from ucgm.methods.diffusion.ucgm import data_prediction_tangent, sample_beta_time
 from ucgm.transports import make_transport
 
 

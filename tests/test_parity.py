@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ucgm.objectives.ucgm import UCGMObjective
+from ucgm.methods.diffusion.ucgm import UCGMObjective
 from ucgm.sampling.ucgm_sampler import sampler_kwargs_from_official, ucgm_sample
 from ucgm.transports import OFFICIAL_HALF_PI, make_transport
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ucgm.quickstart import RECIPES, Recipe, few_vs_multi, run_quickstart
+from ucgm.cli.quickstart import RECIPES, Recipe, few_vs_multi, run_quickstart
 
 TINY = {
     "gmm": Recipe(

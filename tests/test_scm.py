@@ -11,10 +11,10 @@ import torch.distributed as distributed
 from ucgm.data.mixtures import GaussianMixture, OracleModel, eight_gaussians
 from ucgm.metrics import sliced_wasserstein
 from ucgm.models.mlp import MLP
-from ucgm.objectives import FlowMatchingObjective, SCMObjective, UCGMObjective, build_objective
-from ucgm.objectives.adaptive_weighting import AdaptiveWeighting
-from ucgm.objectives.scm import sample_trigflow_time
-from ucgm.objectives.scm_tangent import (
+from ucgm.methods import FlowMatchingObjective, SCMObjective, UCGMObjective, build_objective
+from ucgm.methods.consistency.adaptive_weighting import AdaptiveWeighting
+from ucgm.methods.consistency.scm import sample_trigflow_time
+from ucgm.methods.consistency.scm_tangent import (
     capture_random_state,
     normalise_tangent,
     output_derivative_finite_difference,
@@ -22,7 +22,7 @@ from ucgm.objectives.scm_tangent import (
     scm_tangent,
     tangent_warmup_ratio,
 )
-from ucgm.objectives.ucgm import data_prediction_tangent
+from ucgm.methods.diffusion.ucgm import data_prediction_tangent
 from ucgm.sampling.scm_sampler import default_intermediate_angles, scm_sample
 from ucgm.sampling.ucgm_sampler import ucgm_sample
 from ucgm.transports import make_transport

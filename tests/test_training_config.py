@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from training_fixtures import tiny_gmm_config
 
-from ucgm.training.components import accepted_keys
-from ucgm.training.config import (
+from ucgm.cli.components import accepted_keys
+from ucgm.cli.config import (
     apply_overrides,
     complete_config,
     parse_override,
@@ -15,7 +15,7 @@ from ucgm.training.config import (
     resolve_config,
     save_config,
 )
-from ucgm.training.run import check_resumable
+from ucgm.cli.train import check_resumable
 from ucgm.training.schema import ConfigError, typed_section
 
 

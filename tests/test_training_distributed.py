@@ -13,7 +13,7 @@ import torch
 from training_fixtures import TINY_GMM, losses, subprocess_env, tiny_gmm_config
 
 from ucgm.training.checkpoint import read_weights
-from ucgm.training.run import run_training
+from ucgm.cli.train import run_training
 
 STEPS = 12
 
@@ -51,7 +51,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 FAILING_JOB = """
 import os, torch
-from ucgm.objectives.base import Objective, ObjectiveOutput
+from ucgm.methods.base import Objective, ObjectiveOutput
 from ucgm.training.distributed import distributed_session
 from ucgm.training.loop import Trainer
 from ucgm.training.schema import OptimizerConfig, TrainingConfig

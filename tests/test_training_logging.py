@@ -6,7 +6,7 @@ import json
 import sys
 import types
 
-from ucgm.training.run_log import RunLog, read_stats, truncate_stats
+from ucgm.cli.run_log import RunLog, read_stats, truncate_stats
 
 
 def test_records_truncation_and_cut_lines(tmp_path):

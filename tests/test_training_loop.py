@@ -8,11 +8,11 @@ import pytest
 import torch
 from training_fixtures import GaussianBatches, TinyFlowMatching, TinyMLP, tiny_gmm_config
 
-from ucgm.objectives.base import ObjectiveOutput
+from ucgm.methods.base import ObjectiveOutput
 from ucgm.training.batches import CycledBatches, DatasetBatches, ShardPlan
 from ucgm.training.ema import power_ema_exponent
 from ucgm.training.loop import Hook, Trainer
-from ucgm.training.minimal import minimal_training_loop
+from ucgm.bench.minimal_loop import minimal_training_loop
 from ucgm.training.optim import sanitise_and_clip, warmup_lr
 from ucgm.training.reference import next_reference_decay
 from ucgm.training.schema import EMAConfig, OptimizerConfig, TrainingConfig
@@ -202,7 +202,7 @@ def test_objective_progress_and_curriculum_decay_are_read_every_step():
 
 def test_objective_parameters_are_trained_and_resumed_exactly(tmp_path):
     """sCM's adaptive weighting head: optimised with the model, saved in state.pt and restored on resume."""
-    from ucgm.training.components import (build_dataset, build_model, build_objective, build_transport,
+    from ucgm.cli.components import (build_dataset, build_model, build_objective, build_transport,
                                           with_data_defaults)
     from ucgm.training.schema import typed_section
 

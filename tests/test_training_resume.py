@@ -12,8 +12,8 @@ import pytest
 from training_fixtures import TINY_GMM, cli_command, losses, run_cli, subprocess_env, tiny_gmm_config
 
 from ucgm.training.checkpoint import complete_checkpoints, latest_checkpoint, read_checkpoint_info, read_state
-from ucgm.training.run import run_training
-from ucgm.training.run_log import read_stats
+from ucgm.cli.train import run_training
+from ucgm.cli.run_log import read_stats
 
 STEPS, CHECKPOINT_EVERY = 300, 50
 

@@ -11,10 +11,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ucgm.objectives.base import Objective, ObjectiveOutput
-from ucgm.training.components import accepted_keys
-from ucgm.training.config import resolve_config
-from ucgm.training.run_log import read_stats
+from ucgm.methods.base import Objective, ObjectiveOutput
+from ucgm.cli.components import accepted_keys
+from ucgm.cli.config import resolve_config
+from ucgm.cli.run_log import read_stats
 
 #: Overrides that shrink the gmm preset to a model and batch that train in milliseconds per step.
 TINY_GMM = ["model.hidden=16", "model.depth=1", "training.batch_size=32", "optimizer.warmup_steps=5",

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from ..training.atomic import atomic_write_text
+from ..atomic import atomic_write_text
 
 
 class Section(NamedTuple):

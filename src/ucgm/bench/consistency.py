@@ -1,6 +1,6 @@
 """Consistency-family benchmark: few-step quality against NFE and the cost of a training step.
 
-Every model is trained by ucgm's own trainer (:func:`~ucgm.training.run.run_training`) in a temporary directory
+Every model is trained by ucgm's own trainer (:func:`~ucgm.cli.train.run_training`) in a temporary directory
 from the presets' per-objective defaults (``ucgm train gmm objective=NAME``, the ``objectives:`` section of the
 preset), seed 0, the same number of steps for every method of a dataset:
 
@@ -13,8 +13,8 @@ preset), seed 0, the same number of steps for every method of a dataset:
 * digits (class-conditional 8x8 digits, UNet with 16 base channels, batch 64): ``ct`` and ``scm`` from scratch and
   the flow-matching reference.
 
-Sampling: the EMA weights through :func:`~ucgm.training.components.sampling_network`, each method's own sampler at
-NFE 1, 2, 4, 8, 16 from the same seeded noise (:func:`ucgm.evaluation.draw_samples`): CM's multistep sampler
+Sampling: the EMA weights through :func:`~ucgm.cli.components.sampling_network`, each method's own sampler at
+NFE 1, 2, 4, 8, 16 from the same seeded noise (:func:`ucgm.analysis.reports.draw_samples`): CM's multistep sampler
 (:func:`~ucgm.sampling.consistency_sampler.consistency_sample`, Karras times) for cd/ct/ict/ect/tcm; the multistep
 CM sampler with NFE jumps along equal segments (:func:`~ucgm.sampling.consistency_sampler.
 multistep_consistency_sample`, DDIM; trained with 4 segments, so NFE 4 is its native budget) for mcm; sCM's sampler
@@ -47,17 +47,17 @@ import torch
 from torch import Tensor
 
 from ..data.mixtures import make_mixture
-from ..evaluation import draw_samples
+from ..analysis.reports import draw_samples
 from ..metrics.suites import REFERENCE_SEED, SlicedW2Against
 from ..sampling.consistency_sampler import consistency_sample, multistep_consistency_sample
 from ..sampling.registry import BudgetedSampler, get_sampler
 from ..sampling.result import SampleResult
 from ..sampling.scm_sampler import scm_sample
-from ..training.components import accepted_keys, sampling_network
-from ..training.config import read_yaml_mapping, resolve_config
-from ..training.run import CONFIG_FILE, run_training
-from ..training.sampling_run import load_checkpoint_model
-from ..training.tune import tune_config
+from ..cli.components import accepted_keys, sampling_network
+from ..cli.config import read_yaml_mapping, resolve_config
+from ..cli.train import CONFIG_FILE, run_training
+from ..cli.sample import load_checkpoint_model
+from ..cli.tune import tune_config
 from .throughput import like_for_like, make_trainer, single_thread, trainer_block, training_setup
 from .timing import interleaved_medians
 

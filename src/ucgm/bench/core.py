@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..models import build_model
-from ..objectives import FlowMatchingObjective, UCGMObjective
+from ..methods import FlowMatchingObjective, UCGMObjective
 from ..sampling.ucgm_sampler import ucgm_sample
 from ..transports import make_transport
 from .timing import interleaved_medians

@@ -7,7 +7,7 @@ Models are trained by ucgm's own trainer into a temporary directory (determinist
   enhanced target, which needs class labels).
 * digits: the ``digits`` preset with ``objective=flow_matching`` (class-conditional, 16 base channels).
 
-Every sampler starts from the same seeded noise (seed 0, :func:`ucgm.evaluation.draw_samples`). GMM quality is the
+Every sampler starts from the same seeded noise (seed 0, :func:`ucgm.analysis.reports.draw_samples`). GMM quality is the
 sliced W2 (256 projections) of ``num_gmm`` samples against ``num_reference`` exact mixture samples (seed 12345);
 the sample-noise floor is the same distance for ``num_gmm`` exact samples (seeds 1000, 1001, ...), mean and std
 over ``floor_repeats`` draws. Digits quality is the digits FD of ``num_digits`` samples against the held-out split
@@ -42,15 +42,15 @@ from torch import Tensor
 
 from ..analysis import EvaluationSet, EvolutionSettings, search_kumaraswamy
 from ..data.mixtures import make_mixture
-from ..evaluation import draw_samples, jsonable_settings, run_ucgm_settings
+from ..analysis.reports import draw_samples, jsonable_settings, run_ucgm_settings
 from ..metrics.suites import REFERENCE_SEED, SlicedW2Against
 from ..sampling.registry import available_sampler_names, get_sampler
-from ..training.components import accepted_keys, sampling_network
-from ..training.config import resolve_config
-from ..training.generate import initial_noise
-from ..training.run import run_training
-from ..training.sampling_run import load_checkpoint_model
-from ..training.tune import tune_config
+from ..cli.components import accepted_keys, sampling_network
+from ..cli.config import resolve_config
+from ..sampling.seeded import initial_noise
+from ..cli.train import run_training
+from ..cli.sample import load_checkpoint_model
+from ..cli.tune import tune_config
 
 QUALITY_NFES = (4, 8, 16)
 COMPARISON_NFE = 8

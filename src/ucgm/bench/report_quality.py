@@ -8,17 +8,8 @@ floors, the UCGM-S searches, sizes, seconds). Protocol: :mod:`ucgm.bench.quality
 from __future__ import annotations
 
 from . import register_section
-from ..evaluation import find_value, markdown_tables
-from .quality import (
-    COMPARISON_NFE,
-    FULL,
-    MULTI_STEP,
-    QUALITY_NFES,
-    QUICK,
-    UCGM_DEFAULTS,
-    UCGM_SEARCHED,
-    run_quality,
-)
+from ..analysis.reports import find_value, markdown_tables
+from .quality import COMPARISON_NFE, FULL, MULTI_STEP, QUALITY_NFES, QUICK, UCGM_DEFAULTS, UCGM_SEARCHED, run_quality
 
 #: Relative differences below this are reported as a tie.
 TIE_TOLERANCE = 5e-4

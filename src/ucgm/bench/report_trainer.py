@@ -1,6 +1,6 @@
 """The trainer section of ``ucgm bench``: the trainer's throughput against a minimal hand-written loop.
 
-JSON keys: ``trainer_vs_minimal_loop`` = trainer steps/s / :func:`~ucgm.training.minimal.minimal_training_loop`
+JSON keys: ``trainer_vs_minimal_loop`` = trainer steps/s / :func:`~ucgm.bench.minimal_loop.minimal_training_loop`
 steps/s with the ``gmm`` preset's model, batch and objective (residual MLP, batch 256, UCGM-T with the enhanced
 target and an EMA reference network), target >= :data:`TARGET`; ``trainer_vs_minimal_loop_details`` per preset.
 
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import register_section
-from ..training.components import accepted_keys, build_objective, build_transport
-from ..training.config import resolve_config
-from ..training.minimal import minimal_training_loop
+from ..cli.components import accepted_keys, build_objective, build_transport
+from ..cli.config import resolve_config
+from .minimal_loop import minimal_training_loop
 from .throughput import like_for_like, make_trainer, single_thread, trainer_block, training_setup
 
 TARGET = 0.97

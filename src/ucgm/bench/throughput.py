@@ -1,6 +1,6 @@
 """Training-step throughput on the trainer's real ``train_step`` path, for side-by-side benchmarks.
 
-Shared by the ``trainer`` section (the trainer against :func:`~ucgm.training.minimal.minimal_training_loop`) and the
+Shared by the ``trainer`` section (the trainer against :func:`~ucgm.bench.minimal_loop.minimal_training_loop`) and the
 ``consistency`` section (the step cost of each objective relative to flow matching). A *like-for-like* config
 switches off what a minimal loop does not do: evaluation EMA, gradient clipping and learning-rate warm-up (no hooks
 run, so nothing is logged, checkpointed or sampled), and uses the minimal loop's optimizer (AdamW with torch's
@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ..training.batches import CycledBatches
-from ..training.components import build_dataset, build_model, build_objective, build_transport, with_data_defaults
-from ..training.config import apply_overrides, validate_config
+from ..cli.components import build_dataset, build_model, build_objective, build_transport, with_data_defaults
+from ..cli.config import apply_overrides, validate_config
 from ..training.loop import Trainer
 from ..training.schema import typed_section
 from ..training.seeding import DATA_STREAM, INIT_STREAM, derive_seed, seed_global_rngs

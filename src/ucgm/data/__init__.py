@@ -4,7 +4,7 @@ from .base import AffineNormalisation, Dataset, FiniteDataset, TensorDataset
 from .digits import DigitsDataset, load_digits_split
 from .image_folder import ImageFolderDataset
 from .latents import LatentsDataset, fit_normalisation, load_latents
-from .mixture_dataset import MixtureDataset
+from .mixtures import MixtureDataset
 from .registry import DATASETS, build_dataset, dataset_options
 from .vae import VAEImagesDataset, load_local_vae
 

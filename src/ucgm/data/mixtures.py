@@ -1,4 +1,5 @@
-"""Class-conditional isotropic Gaussian mixtures with an exact oracle for their noisy marginals, and 2-D toy sets.
+"""Class-conditional isotropic Gaussian mixtures with an exact oracle for their noisy marginals, 2-D toy sets, and
+the infinite dataset of fresh draws from a named mixture (:class:`MixtureDataset`).
 
 The data density is ``p(x) = sum_k w_k N(x; mu_k, s_k^2 I)``; class ``c`` is the sub-mixture of the components
 labelled ``c`` (weights renormalised), and the null label ``num_classes`` means the whole mixture.
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from ..transports import Transport
 from ..validation import check_batch, check_choice, check_finite, check_positive_int
+from .base import AffineNormalisation, Dataset
 
 
 def _as_float64(name: str, value) -> Tensor:
@@ -317,3 +319,23 @@ def make_mixture(name: str, **kwargs) -> GaussianMixture:
     check_choice("name", name, MIXTURES)
     return MIXTURES[name](**kwargs)
 
+
+class MixtureDataset(Dataset):
+    """Samples ``(D,)`` of ``make_mixture(mixture, **mixture_options)``, drawn anew for every batch.
+
+    Data stay in the mixture's own units (identity normalisation), so :attr:`mixture` is the exact oracle of the
+    model-space data. ``conditional=True`` returns the component class labels (``num_classes`` of the mixture);
+    ``conditional=False`` returns ``None`` labels and ``num_classes == 0``.
+    """
+
+    def __init__(self, mixture: str = "8gaussians", mixture_options: Optional[dict] = None, conditional: bool = True):
+        self.mixture = make_mixture(mixture, **(mixture_options or {}))
+        self.conditional = conditional
+        self.num_classes = self.mixture.num_classes if conditional else 0
+        self.shape = (self.mixture.dim,)
+        self.normaliser = AffineNormalisation(1.0, 0.0)
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Optional[Tensor]]:
+        check_positive_int("batch_size", batch_size)
+        x, labels = self.mixture.sample(batch_size, generator=generator)
+        return x.to(torch.float32), labels if self.conditional else None

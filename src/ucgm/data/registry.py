@@ -10,7 +10,7 @@ from .base import Dataset
 from .digits import DigitsDataset
 from .image_folder import ImageFolderDataset
 from .latents import LatentsDataset
-from .mixture_dataset import MixtureDataset
+from .mixtures import MixtureDataset
 from .vae import VAEImagesDataset
 
 DATASETS: dict[str, Callable[..., Dataset]] = {

@@ -5,7 +5,7 @@ and ``sd3`` (``SD3Transformer2DModel``, given fixed prompt embeddings), optional
 that decodes the sampled latents: ``image = vae.decode(x / scaling_factor + shift_factor)``.
 
 What the model's output means is read from the diffusers scheduler config it was trained with
-(:func:`ucgm.interop.diffusers_schedules.transport_from_scheduler_config`): flow matching -> linear path,
+(:func:`ucgm.interop.diffusers_transports.transport_from_scheduler_config`): flow matching -> linear path,
 output ``z - x``, timestep ``1000 t``; DDPM-family -> its discrete VP path, output epsilon / v / x0 by its
 ``prediction_type``, timestep ``t (T - 1)``. Hub ids are never resolved; only local directories are read.
 """
@@ -23,7 +23,7 @@ from ..data.vae import load_local_vae
 from ..models.diffusers_wrapper import DiffusersModel, import_diffusers, load_diffusers_model
 from ..sampling.ucgm_sampler import ucgm_sample
 from ..validation import check_choice, check_positive_int
-from .diffusers_schedules import transport_from_scheduler_config
+from .diffusers_transports import transport_from_scheduler_config
 
 #: ``kind`` -> diffusers class name.
 DENOISER_CLASSES = {"unet": "UNet2DModel", "dit": "DiTTransformer2DModel", "sd3": "SD3Transformer2DModel"}

@@ -10,7 +10,7 @@ Grid: ``t_0 > ... > t_{N-1} > t_N = 0`` is UCGM-S's Kumaraswamy grid (``time_war
 :func:`ucgm.timegrids.kumaraswamy_grid`) followed by diffusers' resolution shift ``t' = s t / (1 + (s - 1) t)``.
 ``sigmas`` are these times (for ``prediction_type="flow"`` they are diffusers' flow-matching sigmas) and
 ``timesteps`` what the model receives: ``t * num_train_timesteps`` for ``flow``, the float index ``t (T - 1)``
-for the VP prediction types (see :mod:`ucgm.interop.diffusers_schedules`).
+for the VP prediction types (see :mod:`ucgm.interop.diffusers_transports`).
 
 Step ``i`` (order 1, exactly the step of :func:`ucgm.sampling.ucgm_sampler.ucgm_sample`): recover the data and
 noise predictions ``(x_hat, z_hat)`` from the model output at ``(x_i, t_i)``; from the third step on extrapolate
@@ -38,7 +38,7 @@ from ..models.diffusers_wrapper import import_diffusers
 from ..sampling.ucgm_sampler import check_sampler_settings, first_step_sde_ratio
 from ..timegrids import kumaraswamy_grid
 from ..validation import check_choice, check_positive_int
-from .diffusers_schedules import BETA_SCHEDULES, PREDICTION_TYPES, transport_from_scheduler_config
+from .diffusers_transports import BETA_SCHEDULES, PREDICTION_TYPES, transport_from_scheduler_config
 
 _diffusers = import_diffusers()
 _register_to_config = _diffusers.configuration_utils.register_to_config

@@ -3,7 +3,7 @@
 from .distances import energy_distance, mmd, sliced_wasserstein
 from .features import frechet_distance, frechet_distance_from_features, prdc
 from .likelihood import ode_log_likelihood
-from .mixture_metrics import mixture_log_likelihood, mode_coverage
+from .modes import mixture_log_likelihood, mode_coverage
 
 __all__ = [
     "energy_distance",

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..training.atomic import atomic_path
+from ..atomic import atomic_path
 from ..validation import check_choice, check_positive_int
 from .features import frechet_distance
 

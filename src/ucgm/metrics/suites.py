@@ -28,7 +28,7 @@ from ..validation import check_positive_int
 from ._inputs import as_sample_matrix, check_same_dimension
 from .distances import _empirical_w2_squared, mmd
 from .fid import FeatureNetwork, frechet_feature_distance, reference_statistics
-from .mixture_metrics import mixture_log_likelihood, mode_coverage
+from .modes import mixture_log_likelihood, mode_coverage
 
 REFERENCE_SEED = 12345
 BASELINE_SEED = 54321

@@ -14,9 +14,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..objectives.consistency_param import TimeRange
-from ..objectives.consistency_schedules import karras_sigmas
-from ..objectives.multistep_consistency import segment_edges
+from ..methods.consistency.parameterisation import TimeRange
+from ..methods.consistency.schedules import karras_sigmas
+from ..methods.consistency.mcm import segment_edges
 from ..transports import Path, Transport, broadcast_time
 from ..validation import check_batch, check_finite, check_positive_int, check_range
 from .result import SampleResult
@@ -124,7 +124,7 @@ def multistep_consistency_sample(
     return_trajectory: bool = False,
 ) -> SampleResult:
     """Multistep consistency sampling: ``S`` (a)DDIM jumps along the segment edges ``t_max = e_0 > ... > e_S =
-    t_min`` of :func:`~ucgm.objectives.multistep_consistency.segment_edges` (use the training ``segments``,
+    t_min`` of :func:`~ucgm.methods.consistency.mcm.segment_edges` (use the training ``segments``,
     ``sigma_min``, ``sigma_max``): ``x_{e_{j+1}} = aDDIM(x_{e_j}, f(x_{e_j}, e_j); e_j -> e_{j+1}, eta)``
     (:func:`adjusted_ddim_step`), from ``x_{e_0} = alpha(e_0) z``. The sample is ``x_{t_min} / gamma(t_min)``;
     NFE = ``S``."""

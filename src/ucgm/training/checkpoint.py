@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .atomic import atomic_write_text, fsync_directory
+from ..atomic import atomic_write_text, fsync_directory
 
 CHECKPOINT_FORMAT = "ucgm-checkpoint"
 FORMAT_VERSION = "1"

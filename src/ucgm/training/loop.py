@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..objectives.base import Objective
+from ..methods.base import Objective
 from .batches import BatchSource, DatasetBatches, ShardPlan
 from .checkpoint import CheckpointError, read_state, read_weights, write_checkpoint
 from .distributed import DistributedContext, resolve_device
@@ -50,7 +50,7 @@ class Hook:
 
 class Trainer:
     """Trains ``model`` with ``objective`` on ``batches`` (a :class:`BatchSource` or a dataset with
-    ``sample_batch``); knows nothing about the method beyond the :class:`~ucgm.objectives.base.Objective` API.
+    ``sample_batch``); knows nothing about the method beyond the :class:`~ucgm.methods.base.Objective` API.
 
     ``context`` places the process in a ``torchrun`` job (default: one process on ``training.device``).
     """

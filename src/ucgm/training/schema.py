@@ -4,7 +4,7 @@ A config is a nested dict with the sections of :data:`SECTIONS`. The *closed* se
 ``optimizer``, ``training``, ``sampling``, ``init``) have the fixed keys of the dataclasses below; the *open*
 sections (``data``, ``model``, ``objective``, ``tune``, ``objectives``) are handed to the builders of those
 components (``tune`` is merged over the config by ``ucgm tune``; ``objectives`` holds a preset's per-objective
-defaults, applied by the ``objective=NAME`` override, see :func:`ucgm.training.config.switch_objective`), which check
+defaults, applied by the ``objective=NAME`` override, see :func:`ucgm.cli.config.switch_objective`), which check
 their own keys.
 """
 

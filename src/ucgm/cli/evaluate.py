@@ -1,0 +1,211 @@
+"""``ucgm evaluate RUN_DIR_OR_CHECKPOINT --out DIR``: sample a checkpoint at several NFE with several samplers and
+measure its dataset's metrics.
+
+Writes ``DIR/metrics.json`` (a list of records ``{dataset, model, sampler, nfe, metric, value}`` plus ``budget``,
+``settings``, ``seed``, ``num_samples``, ``step``, ``weights`` and, for FID-style metrics, ``protocol``),
+``DIR/metrics.md`` (one table per metric, rows sampler, columns NFE) and ``DIR/nfe_quality.png``, each atomically.
+Baseline records (``nfe = 0``) hold the reference values, e.g. the sample-noise floor of exact mixture samples.
+
+Samplers: ``--sampler NAME[:KEY=VALUE[:KEY=VALUE ...]],...`` (default ``ucgm,euler``), e.g.
+``--sampler ucgm,euler,heun,ucgm:extrapolation=0.3:time_warp=[1.2,1,1]``. The ``ucgm`` family starts from the
+run's own ``sampling`` settings (stochasticity, extrapolation, time_warp, gaps: a tuned few-step run samples as it
+was tuned to), which the spec's settings override; the records hold the effective settings.
+
+Metrics (see :mod:`ucgm.metrics.suites`): 2-D mixtures: sliced W2 against the exact mixture, mode statistics and
+exact mean log-likelihood; digits: digits FD; other data: sliced W2 and MMD against the run's data (or the data
+named by ``--reference-data KEY=VALUE``). ``--fid`` / ``--fd-dinov2`` add FID / FD-DINOv2 for image data, from
+local weight files only (see :mod:`ucgm.metrics.fid`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..analysis.reports import (
+    SPEC_SYNTAX,
+    SamplerSpec,
+    draw_samples,
+    effective_settings,
+    jsonable_settings,
+    markdown_tables,
+    parse_nfe_list,
+    parse_sampler_specs,
+    plot_nfe_quality,
+    run_ucgm_settings,
+)
+from ..metrics.fid import DINOv2Features, InceptionFeatures, MissingWeightsError
+from ..metrics.suites import FeatureDistance, MetricSuite, build_metric_suite
+from ..sampling.registry import get_sampler
+from ..atomic import atomic_write_text
+from ..training.checkpoint import CheckpointError
+from .components import sampling_network
+from ..training.distributed import resolve_device
+from .sample import LoadedCheckpoint, load_checkpoint_model
+from ..training.schema import ConfigError
+from .yaml_io import parse_yaml
+from ..validation import check_positive_int
+
+DEFAULT_NFES = "1,2,4,8,16,32,64"
+DEFAULT_SAMPLERS = "ucgm,euler"
+
+
+def default_model_name(checkpoint: Path | str) -> str:
+    """The run directory's name (or the file's directory for a weights file)."""
+    path = Path(checkpoint).resolve()
+    return path.parent.name if path.is_file() else path.name
+
+
+def _preflight(network, transport, samplers: Sequence, nfes: Sequence[int], shape: Sequence[int],
+               num_classes: int, device: torch.device) -> None:
+    """Run every sampler at every budget on one sample, so that bad settings fail before the long work."""
+    for sampler in samplers:
+        for nfe in nfes:
+            draw_samples(network, transport, sampler, nfe, shape, num_classes, num=1, device=device)
+
+
+def evaluate_checkpoint(loaded: LoadedCheckpoint, specs: Sequence[SamplerSpec], nfes: Sequence[int],
+                        suite: MetricSuite, num: int, seed: int = 0, batch_size: int = 1000, model_name: str = "model",
+                        weights: str = "ema", device: torch.device | str = "cpu", progress: bool = False) -> list[dict]:
+    """Records of every (sampler, NFE) on the same seeded noise, then the suite's baselines (``nfe = 0``)."""
+    info = loaded.info
+    if info.data_shape is None:
+        raise CheckpointError(f"{str(info.path)!r} does not record the data shape; cannot draw noise")
+    network, transport = sampling_network(loaded.model, loaded.transport, loaded.config)
+    device = torch.device(device)
+    num_classes = info.num_classes or 0
+    run_settings = run_ucgm_settings(loaded.config)
+    settings = {spec.label: effective_settings(spec, run_settings) for spec in specs}
+    samplers = {spec.label: get_sampler(spec.name, settings[spec.label]) for spec in specs}
+    _preflight(network, transport, list(samplers.values()), nfes, info.data_shape, num_classes, device)
+    common = {"dataset": suite.dataset, "model": model_name}
+    extra = {"seed": seed, "num_samples": num, "step": info.step, "weights": weights}
+    records = []
+    jobs = [(spec, nfe) for spec in specs for nfe in nfes]
+    for spec, nfe in tqdm(jobs, desc="ucgm evaluate", disable=not progress):
+        drawn = draw_samples(network, transport, samplers[spec.label], nfe, info.data_shape, num_classes, num, seed,
+                             batch_size, device)
+        for measured in suite.evaluate(drawn.samples, drawn.labels):
+            record = {**common, "sampler": spec.label, "nfe": drawn.nfe, "metric": measured.metric,
+                      "value": measured.value, "budget": nfe, "settings": jsonable_settings(settings[spec.label]),
+                      **extra}
+            if measured.protocol is not None:
+                record["protocol"] = measured.protocol
+            records.append(record)
+    for measured in suite.baselines():
+        records.append({"dataset": suite.dataset, "model": "reference data", "sampler": suite.baseline_name,
+                        "nfe": 0, "metric": measured.metric, "value": measured.value, "budget": 0,
+                        "num_samples": num, **({"protocol": measured.protocol} if measured.protocol else {})})
+    return records
+
+
+def render_markdown(records: Sequence[dict], header: dict) -> str:
+    """The tables with a header naming the checkpoint, the protocol and the command."""
+    lines = ["# ucgm evaluate", "",
+             f"Checkpoint `{header['checkpoint']}` (step {header['step']}, {header['weights']} weights); "
+             f"{header['num']} samples per cell, noise seed {header['seed']}; {header['seconds']:.0f} s.", "",
+             f"Command: `{header['command']}`", "",
+             "Columns are NFE budgets; `(n=...)` marks a sampler that spends fewer calls than its budget. "
+             "Baselines are reference values, e.g. exact samples against the reference (the sample-noise floor).",
+             "", markdown_tables(records), "![quality against NFE](nfe_quality.png)", ""]
+    return "\n".join(lines)
+
+
+def feature_distances(args: argparse.Namespace) -> list[FeatureDistance]:
+    """The opt-in FID / FD-DINOv2 extractors (their files must exist; see ``ucgm.metrics.fid``)."""
+    chosen = []
+    if args.fid:
+        chosen.append(FeatureDistance("fid", InceptionFeatures(args.inception_weights, device=str(args.device))))
+    if args.fd_dinov2:
+        chosen.append(FeatureDistance("fd_dinov2", DINOv2Features(args.dinov2_repo, args.dinov2_weights,
+                                                                  device=str(args.device))))
+    return chosen
+
+
+def parse_data_overrides(assignments: Sequence[str]) -> dict:
+    """``["root=data/val", "image_size=32"]`` -> ``{"root": "data/val", "image_size": 32}`` (values as YAML)."""
+    overrides = {}
+    for assignment in assignments:
+        key, equals, value = assignment.partition("=")
+        if not equals or not key.strip():
+            raise ValueError(f"--reference-data {assignment!r} must be KEY=VALUE, e.g. root=data/heldout")
+        overrides[key.strip()] = parse_yaml(value)
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ucgm evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="run directory, checkpoint directory or model.safetensors")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (metrics.json, metrics.md, png)")
+    parser.add_argument("--nfe", default=DEFAULT_NFES, help=f"comma-separated NFE budgets (default {DEFAULT_NFES})")
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLERS, help=f"samplers: {SPEC_SYNTAX} (default "
+                                                                    f"{DEFAULT_SAMPLERS})")
+    parser.add_argument("--num", type=int, default=5000, help="samples per sampler and NFE (default 5000)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; sample i starts from generator (seed, i)")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="weights to sample (default ema)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="samples per batch (default 1000)")
+    parser.add_argument("--num-reference", type=int, default=20000,
+                        help="reference samples (exact mixture draws or data rows; default 20000)")
+    parser.add_argument("--reference-data", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override options of the run's data section for the reference set (file-based data), "
+                             "e.g. root=data/heldout")
+    parser.add_argument("--model-name", help="model name in the records (default: the run directory's name)")
+    parser.add_argument("--fid", action="store_true", help="add FID (image data; needs the Inception file)")
+    parser.add_argument("--inception-weights", help="TorchScript inception-2015-12-05.pt "
+                                                    "(default $UCGM_INCEPTION_WEIGHTS)")
+    parser.add_argument("--fd-dinov2", action="store_true", help="add FD-DINOv2 (image data; needs local DINOv2)")
+    parser.add_argument("--dinov2-repo", help="local facebookresearch/dinov2 clone (default $UCGM_DINOV2_REPO)")
+    parser.add_argument("--dinov2-weights", help="dinov2_vitl14_pretrain.pth (default $UCGM_DINOV2_WEIGHTS)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show a progress bar (default: when stderr is a terminal)")
+    return parser
+
+
+def run_evaluate(args: argparse.Namespace, command: str) -> list[dict]:
+    """Validate the arguments, evaluate, write the three outputs; returns the records."""
+    started = time.perf_counter()
+    nfes = parse_nfe_list(args.nfe)
+    specs = parse_sampler_specs(args.sampler)
+    check_positive_int("--num", args.num, minimum=2)
+    check_positive_int("--batch-size", args.batch_size)
+    check_positive_int("--num-reference", args.num_reference, minimum=2)
+    overrides = parse_data_overrides(args.reference_data)
+    args.device = resolve_device(args.device)
+    loaded = load_checkpoint_model(args.checkpoint, args.weights, args.device)
+    suite = build_metric_suite(loaded.config, args.num, loaded.info.num_classes or 0, args.num_reference,
+                               overrides, feature_distances(args))
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    model_name = args.model_name or default_model_name(args.checkpoint)
+    records = evaluate_checkpoint(loaded, specs, nfes, suite, args.num, args.seed, args.batch_size, model_name,
+                                  args.weights, args.device, progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "metrics.json", json.dumps(records, indent=2) + "\n")
+    plot_nfe_quality(records, args.out / "nfe_quality.png")
+    header = {"checkpoint": str(loaded.info.path), "step": loaded.info.step, "weights": args.weights, "num": args.num,
+              "seed": args.seed, "seconds": time.perf_counter() - started,
+              "command": command}
+    atomic_write_text(args.out / "metrics.md", render_markdown(records, header))
+    return records
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[2:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        records = run_evaluate(args, "ucgm evaluate " + shlex.join(argv))
+    except (ValueError, ConfigError, CheckpointError, MissingWeightsError) as error:
+        print(f"ucgm evaluate: error: {error}", file=sys.stderr)
+        return 2
+    print(f"ucgm evaluate: wrote {len(records)} records to {args.out / 'metrics.json'}, metrics.md and "
+          "nfe_quality.png", file=sys.stderr)
+    return 0

@@ -1,0 +1,307 @@
+"""UCGM-T: the unified training objective (Sun, Jiang, Lin 2025, arXiv 2505.07447).
+
+One step, with ``t ~ clamp(k * Beta(a, b), 0, 1)``, ``z ~ N(0, I)`` and ``x_t = alpha z + gamma x``:
+
+1. ``F = model(x_t, t, y)`` (with gradient); plain target ``T = alpha_hat z + gamma_hat x``.
+2. Enhanced target (``enhanced_ratio`` zeta != 0): from a conditional prediction ``(x_c, z_c)`` and a reference
+   ``(x_u, z_u)`` (see :data:`ENHANCED_STYLES`), per sample: conditional and ``r0 < t < r1``:
+   ``x* = x + zeta (x_c - x_u)``; conditional outside the range: ``x* = (x + x_c) / 2``; label dropped:
+   ``x* = (x + x_u) / 2`` (same for z), and ``T = alpha_hat z* + gamma_hat x*``.
+3. Consistency (ratio lambda != 0), with ``X(r)`` the online model's data prediction at
+   ``x_r = alpha(r) z* + gamma(r) x*`` (no gradient):
+   lambda = 1: ``Delta = (X(t + eps) - X(t - eps)) / (2 eps)``;
+   0 < lambda < 1: ``Delta = (x_hat_t - X(lambda t)) / ((1 - lambda) t)``;
+   then ``T = F.detach() - (alpha / D) * (4 / sin(h t)) * clamp(Delta, -1, 1)``.
+4. Per sample ``L = sqrt(mean((F - T)^2) + c^2) - c`` (+ ``mean(1 - cos(F, T))`` over channels when
+   ``cosine_loss``), optionally weighted by ``cos(h t)``; the loss is the batch mean.
+
+Argument names and the official ones:
+
+| ucgm | official UCGM |
+|---|---|
+| ``consistency_ratio`` | ``consistc_ratio`` |
+| ``enhanced_ratio`` / ``enhanced_style`` / ``enhanced_range`` | same names |
+| ``label_dropout`` | ``lab_drop_ratio`` |
+| ``huber_constant`` | ``scaled_cbl_eps`` |
+| ``cosine_loss`` | ``wt_cosine_loss`` |
+| ``time_weighting`` (``None`` / ``"cosine"``) | ``weight_funcion`` (``None`` / ``"Cosine"``) |
+| ``time_distribution`` ``(a, b, k)`` | ``time_dist_ctrl`` |
+| ``reference`` + ``reference_decay`` | ``ema_decay_rate`` (0 online, 1 frozen, otherwise EMA) |
+| ``transport`` | ``transport_type`` |
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as functional
+from torch import Tensor
+
+from ...transports import Transport, broadcast_time, make_transport
+from ...validation import check_batch, check_choice, check_finite, check_range
+from ..base import Objective, ObjectiveOutput, draw_noise, resolve_null_label, unwrap
+from ..base import drop_labels as drop_labels_with
+
+ENHANCED_STYLES = ("ft-vs-fe", "fc-vs-fe", "fc-vs-xz")
+"""Where the two predictions of the enhanced target come from:
+``ft-vs-fe`` (multi-step training): conditional = the online prediction, reference = reference model with the null label;
+``fc-vs-fe`` (tuning a pretrained model): both from the reference model, with the label and with the null label;
+``fc-vs-xz`` (few-step training): conditional = reference model with the label, reference = the true ``(x, z)``."""
+
+REFERENCE_MODES = ("ema", "online", "frozen")
+TIME_WEIGHTINGS = (None, "cosine")
+TANGENTS = ("finite_difference", "jvp")
+
+#: Official UCGM argument names and their ucgm equivalents (``ema_decay_rate`` maps to ``reference``).
+OFFICIAL_NAMES = {
+    "transport_type": "transport", "consistc_ratio": "consistency_ratio", "enhanced_ratio": "enhanced_ratio",
+    "enhanced_style": "enhanced_style", "enhanced_range": "enhanced_range", "lab_drop_ratio": "label_dropout",
+    "scaled_cbl_eps": "huber_constant", "wt_cosine_loss": "cosine_loss", "weight_funcion": "time_weighting",
+    "time_dist_ctrl": "time_distribution",
+}
+
+
+def sample_beta_time(batch_size: int, shape: Sequence[float], generator: Optional[torch.Generator] = None,
+                     device: torch.device | str = "cpu") -> Tensor:
+    """``t = clamp(k * Beta(a, b), 0, 1)`` for ``shape = (a, b, k)``; reproducible from ``generator``."""
+    a, b, scale = (float(v) for v in shape)
+    if a == 1.0 and b == 1.0:
+        draw = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+    else:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            draw = torch.distributions.Beta(torch.tensor(a, dtype=torch.float64),
+                                            torch.tensor(b, dtype=torch.float64)).sample((batch_size,))
+    return torch.clamp(draw * scale, 0, 1).to(device)
+
+
+def data_prediction_tangent(
+    model: Callable,
+    transport: Transport,
+    data: Tensor,
+    noise: Tensor,
+    t: Tensor,
+    labels: Optional[Tensor],
+    method: str = "finite_difference",
+    step: float = 0.005,
+) -> Tensor:
+    """``d/dt X(t)``, the time derivative of the data prediction along the straight path
+    ``x_t = alpha(t) z + gamma(t) x`` (fixed ``x``, ``z``).
+
+    ``finite_difference``: ``(X(t + eps) - X(t - eps)) / (2 eps)`` in one batched call;
+    ``jvp``: exact forward-mode derivative with ``torch.func.jvp`` along ``(dx_t/dt, 1)``.
+    """
+    check_choice("method", method, TANGENTS)
+    if method == "jvp":
+        def data_prediction(time: Tensor) -> Tensor:
+            x_t = transport.interpolate(data, noise, time)
+            return transport.predict(model, x_t, time, labels).data
+
+        return torch.func.jvp(data_prediction, (t,), (torch.ones_like(t),))[1]
+    inv_width = 1 / (2 * step)
+    times = torch.cat([t + step, t - step])
+    doubled = lambda v: None if v is None else torch.cat([v, v])  # noqa: E731
+    x_r = transport.interpolate(doubled(data), doubled(noise), times)
+    upper, lower = transport.predict(model, x_r, times, doubled(labels)).data.chunk(2)
+    return upper * inv_width - lower * inv_width
+
+
+class UCGMObjective(Objective):
+    """UCGM-T. ``consistency_ratio`` 0 trains a multi-step (flow-matching/diffusion) model, 1 a few-step one."""
+
+    def __init__(
+        self,
+        transport: Transport | str = "linear",
+        consistency_ratio: float = 0.0,
+        enhanced_ratio: float = 0.0,
+        enhanced_style: Optional[str] = None,
+        enhanced_range: Sequence[float] = (0.0, 0.75),
+        label_dropout: float = 0.1,
+        null_label: Optional[int] = None,
+        huber_constant: float = 0.0,
+        cosine_loss: bool = False,
+        time_weighting: Optional[str] = None,
+        time_distribution: Sequence[float] = (1.0, 1.0, 1.0),
+        reference: str = "ema",
+        reference_decay: float = 0.999,
+        finite_difference_step: float = 0.005,
+        tangent: str = "finite_difference",
+        tangent_clip: float = 1.0,
+        half_pi: float = math.pi / 2,
+    ):
+        check_range("consistency_ratio", consistency_ratio, 0.0, 1.0)
+        check_range("label_dropout", label_dropout, 0.0, 1.0)
+        check_range("huber_constant", huber_constant, 0.0, math.inf)
+        check_range("reference_decay", reference_decay, 0.0, 1.0)
+        if not isinstance(enhanced_ratio, (int, float)) or not math.isfinite(enhanced_ratio):
+            raise ValueError(f"enhanced_ratio={enhanced_ratio!r} must be a finite number")
+        check_choice("enhanced_style", enhanced_style, (None,) + ENHANCED_STYLES)
+        check_choice("time_weighting", time_weighting, TIME_WEIGHTINGS)
+        check_choice("reference", reference, REFERENCE_MODES)
+        check_choice("tangent", tangent, TANGENTS)
+        if len(time_distribution) != 3 or min(time_distribution) <= 0:
+            raise ValueError(f"time_distribution={tuple(time_distribution)!r} must be three positive numbers (a, b, k)")
+        if len(enhanced_range) != 2 or enhanced_range[0] > enhanced_range[1]:
+            raise ValueError(f"enhanced_range={tuple(enhanced_range)!r} must be (low, high) with low <= high")
+        self.transport = make_transport(transport, half_pi=half_pi) if isinstance(transport, str) else transport
+        self.consistency_ratio = float(consistency_ratio)
+        # A multi-step ratio of 1 or more is read as (r - 1) / r, as the official code does.
+        if enhanced_ratio >= 1.0 and consistency_ratio == 0.0:
+            enhanced_ratio = (enhanced_ratio - 1.0) / enhanced_ratio
+        self.enhanced_ratio = float(enhanced_ratio)
+        if enhanced_style is None and self.enhanced_ratio != 0.0:
+            enhanced_style = "ft-vs-fe" if self.consistency_ratio == 0.0 else "fc-vs-xz"
+        self.enhanced_style = enhanced_style
+        self.enhanced_range = (float(enhanced_range[0]), float(enhanced_range[1]))
+        self.label_dropout = float(label_dropout)
+        self.null_label = null_label
+        self.huber_constant = float(huber_constant)
+        self.cosine_loss = bool(cosine_loss)
+        self.time_weighting = time_weighting
+        self.time_distribution = tuple(float(v) for v in time_distribution)
+        self.finite_difference_step = float(finite_difference_step)
+        self.tangent = tangent
+        self.tangent_clip = float(tangent_clip)
+        self.half_pi = float(half_pi)
+        self.reference_decay = float(reference_decay)
+        self.reference_mode = reference if self.enhanced_ratio != 0.0 else None
+
+    @classmethod
+    def from_official(cls, official: dict, **overrides) -> "UCGMObjective":
+        """Build from the official argument names (``consistc_ratio``, ``ema_decay_rate``, ...; see the module
+        table); ``overrides`` are ucgm keyword arguments (e.g. ``half_pi=OFFICIAL_HALF_PI``)."""
+        official = dict(official)
+        decay = float(official.pop("ema_decay_rate", 0.999))
+        unknown = sorted(set(official) - set(OFFICIAL_NAMES))
+        if unknown:
+            raise ValueError(f"unknown official UCGM arguments {unknown}; "
+                             f"allowed: {sorted(OFFICIAL_NAMES) + ['ema_decay_rate']}")
+        kwargs = {OFFICIAL_NAMES[key]: value for key, value in official.items()}
+        if kwargs.get("time_weighting") is not None:
+            kwargs["time_weighting"] = str(kwargs["time_weighting"]).lower()
+        if isinstance(kwargs.get("transport"), str) and "transport" not in overrides:
+            kwargs["transport"] = make_transport(kwargs["transport"], half_pi=overrides.get("half_pi", math.pi / 2))
+        reference = "online" if decay == 0.0 else "frozen" if decay == 1.0 else "ema"
+        return cls(**{"reference": reference, "reference_decay": decay, **kwargs, **overrides})
+
+    # ------------------------------------------------------------------------------------ helpers
+    def sample_time(self, batch_size: int, generator: Optional[torch.Generator] = None,
+                    device: torch.device | str = "cpu") -> Tensor:
+        """Training times ``t = clamp(k Beta(a, b), 0, 1)``."""
+        return sample_beta_time(batch_size, self.time_distribution, generator, device)
+
+    def _enhance(self, value: Tensor, conditional: Tensor, reference: Tensor, in_range: Tensor,
+                 dropped: Tensor) -> Tensor:
+        """Per-sample enhanced target of step 2 (applied to x and to z alike)."""
+        in_range = broadcast_time(in_range, value)
+        dropped = broadcast_time(dropped, value)
+        guided = value + self.enhanced_ratio * (conditional - reference)
+        conditional_mix = torch.where(in_range, guided, (value + conditional) * 0.5)
+        return torch.where(dropped, (value + reference) * 0.5, conditional_mix)
+
+    def _enhanced_predictions(self, model, reference_model, x_t, t, labels, null_label, online, data, noise):
+        """``(x_c, z_c), (x_u, z_u)`` of the chosen enhanced style; fc-vs-fe batches its two reference passes."""
+        transport = self.transport
+        nulls = torch.full_like(labels, null_label)
+        if self.enhanced_style == "ft-vs-fe":
+            reference = transport.predict(reference_model, x_t, t, nulls)
+            return (online.data.detach(), online.noise.detach()), (reference.data, reference.noise)
+        if self.enhanced_style == "fc-vs-fe":
+            both = transport.predict(reference_model, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                     torch.cat([labels, nulls]))
+            (data_c, data_u), (noise_c, noise_u) = both.data.chunk(2), both.noise.chunk(2)
+            return (data_c, noise_c), (data_u, noise_u)
+        conditional = transport.predict(reference_model, x_t, t, labels)
+        return (conditional.data, conditional.noise), (data, noise)
+
+    def per_sample_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """``sqrt(mean((F - T)^2) + c^2) - c`` (+ ``mean over positions of 1 - cos(F, T)`` over channels)."""
+        dims = tuple(range(1, output.ndim))
+        loss = torch.sqrt(((output - target) ** 2).mean(dim=dims) + self.huber_constant**2) - self.huber_constant
+        if self.cosine_loss:
+            cosine = 1 - functional.cosine_similarity(output, target, dim=1)
+            loss = loss + (cosine.mean(dim=tuple(range(1, cosine.ndim))) if cosine.ndim > 1 else cosine)
+        return loss
+
+    # -------------------------------------------------------------------------------------- step
+    def __call__(
+        self,
+        model: Callable,
+        data: Tensor,
+        labels: Optional[Tensor] = None,
+        *,
+        reference_model: Optional[Callable] = None,
+        generator: Optional[torch.Generator] = None,
+        time: Optional[Tensor] = None,
+        noise: Optional[Tensor] = None,
+        drop_labels: bool = True,
+    ) -> ObjectiveOutput:
+        """One UCGM-T loss. ``time`` (B,), ``noise`` and already-dropped ``labels`` (with ``drop_labels=False``)
+        may be given to make the step exactly reproducible; otherwise they are drawn from ``generator``."""
+        batch_size = data.shape[0]
+        check_finite("data", data)
+        check_batch("labels", labels, batch_size)
+        if time is None:
+            time = self.sample_time(batch_size, generator, data.device).to(data.dtype)
+        else:
+            time = torch.as_tensor(time, dtype=data.dtype, device=data.device).reshape(-1)
+            check_batch("time", time, batch_size)
+            check_finite("time", time)
+        noise = draw_noise(data, noise, generator)
+        null_label = resolve_null_label(model, self.null_label)
+        if drop_labels:
+            labels = drop_labels_with(labels, self.label_dropout, null_label, generator)
+
+        transport = self.transport
+        x_t = transport.interpolate(data, noise, time)
+        online = transport.predict(model, x_t, time, labels)
+        target_data, target_noise = data, noise
+        target = transport.target(data, noise, time)
+
+        if self.enhanced_ratio != 0.0 or self.consistency_ratio != 0.0:
+            with torch.no_grad():
+                if self.enhanced_ratio != 0.0:
+                    if labels is None or null_label is None:
+                        raise ValueError("enhanced_ratio != 0 needs class labels and a null label (num_classes); "
+                                         "set enhanced_ratio=0 for unconditional data")
+                    if reference_model is None:
+                        raise ValueError(f"enhanced_style={self.enhanced_style!r} needs a reference_model "
+                                         f"({self.reference_mode} copy of the model)")
+                    (data_c, noise_c), (data_u, noise_u) = self._enhanced_predictions(
+                        model, reference_model, x_t, time, labels, null_label, online, data, noise)
+                    low, high = self.enhanced_range
+                    in_range = (time > low) & (time < high)
+                    dropped = labels == null_label
+                    target_data = self._enhance(data, data_c, data_u, in_range, dropped)
+                    target_noise = self._enhance(noise, noise_c, noise_u, in_range, dropped)
+                    target = transport.target(target_data, target_noise, time)
+                if self.consistency_ratio != 0.0:
+                    target = self._consistency_target(model, online.output, time, labels, target_data, target_noise)
+
+        per_sample = self.per_sample_loss(online.output, target)
+        if self.time_weighting == "cosine":
+            per_sample = per_sample * torch.cos(time * self.half_pi)
+        return ObjectiveOutput(per_sample.mean(), per_sample.detach(), {})
+
+    def _consistency_target(self, model, output, time, labels, data, noise) -> Tensor:
+        """``T = F.detach() - (alpha / D) (4 / sin(h t)) clamp(Delta, -1, 1)`` (step 3)."""
+        transport, online = self.transport, unwrap(model)
+        if self.consistency_ratio == 1.0:
+            delta = data_prediction_tangent(online, transport, data, noise, time, labels, self.tangent,
+                                            self.finite_difference_step)
+        else:
+            gap = time - self.consistency_ratio * time
+            x_t = transport.interpolate(data, noise, time)
+            current = transport.recover(output.detach(), x_t, time)[0]
+            earlier_time = time - gap
+            earlier_x = transport.interpolate(data, noise, earlier_time)
+            earlier = transport.predict(online, earlier_x, earlier_time, labels).data
+            inv_gap = broadcast_time(1 / gap, output)
+            delta = current * inv_gap - earlier * inv_gap
+        delta = torch.clamp(delta, -self.tangent_clip, self.tangent_clip)
+        tb = broadcast_time(time, output)
+        weight = 4 / torch.sin(tb * self.half_pi)
+        return output.detach() - (transport.alpha(tb) / transport.denominator(tb) * weight) * delta
