@@ -1,7 +1,8 @@
 """Parity with numbers computed by the official UCGM code.
 
-Replays every case of the fixture folder named by ``UCGM_PARITY_FIXTURES`` (default
-``../shared/reference/ucgm_official`` relative to the project root), one test id per case name.
+Replays every case of the fixture folder named by ``UCGM_PARITY_FIXTURES`` (default: the public cases copied into
+``tests/fixtures/ucgm_official``, with their license notice), one test id per case name. A relative
+``UCGM_PARITY_FIXTURES`` is read from the project root.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ucgm.sampling.ucgm_sampler import sampler_kwargs_from_official, ucgm_sample
 from ucgm.transports import OFFICIAL_HALF_PI, make_transport
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("UCGM_PARITY_FIXTURES", PROJECT_ROOT / ".." / "shared" / "reference" / "ucgm_official"))
+FIXTURES = Path(os.environ.get("UCGM_PARITY_FIXTURES", PROJECT_ROOT / "tests" / "fixtures" / "ucgm_official"))
 if not FIXTURES.is_absolute():
     FIXTURES = PROJECT_ROOT / FIXTURES
 MANIFEST_PATH = FIXTURES / "manifest.json"
