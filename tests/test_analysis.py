@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ucgm.analysis import (
-    SAMPLER_NAMES,
+    SOLVER_NAMES,
     EvaluationSet,
     EvolutionSettings,
     evolve_time_grid,
@@ -69,9 +69,9 @@ def expected_nfe(name: str, budget: int) -> int:
 
 def test_sweep_records_and_exact_nfe(oracle):
     budgets = [1, 2, 3, 4, 8]
-    records = nfe_sweep(oracle, oracle.transport, make_noise(256, 0), None, {name: None for name in SAMPLER_NAMES},
+    records = nfe_sweep(oracle, oracle.transport, make_noise(256, 0), None, {name: None for name in SOLVER_NAMES},
                         budgets, w2_to_mixture(oracle, 256, 1))
-    assert [(r["sampler"], r["nfe"]) for r in records] == [(n, b) for n in SAMPLER_NAMES for b in budgets]
+    assert [(r["sampler"], r["nfe"]) for r in records] == [(n, b) for n in SOLVER_NAMES for b in budgets]
     for record in records:
         assert set(record) == {"sampler", "nfe", "actual_nfe", "metric", "value", "settings"}
         assert record["actual_nfe"] == expected_nfe(record["sampler"], record["nfe"])

@@ -46,8 +46,9 @@ def test_trainer_section_reports_the_ratio_and_details(tmp_path, monkeypatch):
 def test_like_for_like_trainer_has_no_ema_clipping_or_warmup():
     setup = training_setup(like_for_like(resolve_config("gmm", ["training.batch_size=8"], accepted_keys)))
     trainer = make_trainer(setup.config, setup.model, setup.batches)
-    assert trainer.ema is None and trainer.optimizer_settings.warmup_steps == 0
-    assert trainer.optimizer_settings.grad_clip is None and len(setup.batches[0][0]) == 8
+    network = trainer.networks["model"]
+    assert network.ema is None and network.settings.warmup_steps == 0
+    assert network.settings.grad_clip is None and len(setup.batches[0][0]) == 8
     trainer.train_step()
     assert math.isfinite(trainer.pop_mean_loss())
 

@@ -32,7 +32,7 @@ def test_train_writes_config_stats_and_checkpoints(trained_run):
     assert config["training"]["steps"] == 20
     assert [step for step, _ in losses(trained_run)] == [5, 10, 15, 20]
     info = read_checkpoint_info(trained_run)
-    assert info.step == 20 and info.groups == ["ema", "model"] and info.num_classes == 8
+    assert info.step == 20 and info.groups == ["ema", "model", "reference"] and info.num_classes == 8
     assert info.normalisation == {"kind": "affine", "scale": 1.0, "shift": 0.0}
 
 
@@ -136,7 +136,7 @@ def test_tune_from_a_checkpoint_end_to_end(trained_run, tmp_path):
     assert config["training"]["ema"]["decay"] == 0.99
     assert config["init"]["checkpoint"] == str(latest_checkpoint(trained_run).resolve())
     source_ema = read_weights(trained_run, "ema")
-    reference = read_state(tuned)["reference"]["weights"]
+    reference = read_weights(tuned, "reference")
     for name, tensor in source_ema.items():  # the frozen reference is the source's EMA
         assert torch.equal(reference[name], tensor)
     assert main([*arguments, "--steps", "6"]) == 0  # re-running resumes the tuning run, no re-initialisation

@@ -15,16 +15,17 @@ import torch
 from ucgm.data.mixtures import OracleModel, eight_gaussians
 from ucgm.metrics import sliced_wasserstein
 from ucgm.models import MLP
-from ucgm.methods import FlowMatchingObjective, UCGMObjective, build_objective
+from ucgm.methods import FlowMatchingObjective, UCGMObjective, build_method
 from ucgm.methods.consistency.cm import (
     ConsistencyDistillation,
     ConsistencyTraining,
     EasyConsistencyTuning,
     ImprovedConsistencyTraining,
 )
-from ucgm.methods.consistency.base import sampling_model_from_config, shared_randomness
+from ucgm.methods.consistency.base import shared_randomness
 from ucgm.methods.consistency.parameterisation import ConsistencyModel, ConsistencyParameterisation, TimeRange
-from ucgm.methods.consistency.presets import CONSISTENCY_OBJECTIVES, CONSISTENCY_PRESETS
+from ucgm.methods.consistency.presets import CONSISTENCY_PRESETS
+from ucgm.methods.registry import METHOD_FAMILIES
 from ucgm.methods.consistency.schedules import (
     adaptive_ema_decay,
     adaptive_num_scales,
@@ -143,10 +144,10 @@ def test_consistency_model_reads_through_its_data_transport():
     model = ConsistencyModel(backbone, parameterisation, t_max=0.9)
     x_t, t = torch.randn(16, 2), torch.rand(16) * 0.8 + 0.05
     torch.testing.assert_close(model.transport.predict(model, x_t, t).data, parameterisation(backbone, x_t, t))
-    wrapped, transport = sampling_model_from_config(backbone, LINEAR, {"name": "ct"})
+    wrapped, transport = build_method({"name": "ct"}, LINEAR).sampling_model({"model": backbone})
     assert isinstance(wrapped, ConsistencyModel) and transport.parameterisation == "data"
-    assert sampling_model_from_config(backbone, LINEAR, {"name": "ect"}) == (backbone, LINEAR)
-    assert sampling_model_from_config(backbone, LINEAR, {"name": "ucgm"}) == (backbone, LINEAR)
+    assert build_method({"name": "ect"}, LINEAR).sampling_model({"model": backbone}) == (backbone, LINEAR)
+    assert build_method({"name": "ucgm"}, LINEAR).sampling_model({"model": backbone}) == (backbone, LINEAR)
 
 
 def test_time_range_maps_sigmas_to_path_times():
@@ -296,7 +297,7 @@ def test_multistep_sampler_with_one_segment_is_one_ddim_jump():
 def _cd_against_flow_matching(steps, hidden, depth):
     torch.manual_seed(0)
     model = MLP(2, hidden=hidden, depth=depth)
-    objective = build_objective(CONSISTENCY_PRESETS["gmm-cd"], LINEAR)
+    objective = build_method(CONSISTENCY_PRESETS["gmm-cd"], LINEAR)
     train(objective, model, steps)
     sampler_model, transport = objective.sampling_model(model)
     oracle = OracleModel(MIXTURE, LINEAR)
@@ -330,7 +331,7 @@ def test_cd_longer_run_gets_closer_to_flow_matching():
 ])
 def test_objective_reduces_its_loss_and_samples_finitely(name, extra):
     steps = 300
-    objective = build_objective({"name": name, **extra}, LINEAR)
+    objective = build_method({"name": name, **extra}, LINEAR)
     model = small_mlp()
     before = evaluation_loss(objective, model, steps=steps)
     train(objective, model, steps)
@@ -358,7 +359,7 @@ def test_ect_tunes_a_flow_matching_checkpoint_into_a_better_one_step_model():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    objective = build_objective(CONSISTENCY_PRESETS["gmm-ect"], LINEAR)
+    objective = build_method(CONSISTENCY_PRESETS["gmm-ect"], LINEAR)
     noise, reference = sampling_noise(2000), reference_points(2000)
 
     def one_step_distance():
@@ -374,12 +375,12 @@ def test_ect_tunes_a_flow_matching_checkpoint_into_a_better_one_step_model():
 def test_tcm_stage_two_trains_against_the_frozen_stage_one_model():
     """Stage 2 is run from a fresh network here (TCM starts it from the stage-1 weights) so that its loss has
     something to reduce within 200 steps."""
-    stage_one = build_objective({"name": "tcm", "stage": 1}, LINEAR)
+    stage_one = build_method({"name": "tcm", "stage": 1}, LINEAR)
     frozen = small_mlp()
     train(stage_one, frozen, 200)
     frozen.requires_grad_(False)
     model = small_mlp(seed=1)
-    stage_two = build_objective(CONSISTENCY_PRESETS["gmm-tcm-stage2"], LINEAR)
+    stage_two = build_method(CONSISTENCY_PRESETS["gmm-tcm-stage2"], LINEAR)
     assert stage_two.reference_mode == "frozen"
     before = evaluation_loss(stage_two, model, frozen, steps=200)
     train(stage_two, model, 200, reference=frozen)
@@ -452,7 +453,7 @@ def test_reference_modes_and_adaptive_decay():
     assert ct.reference_decay == pytest.approx(0.81)
     ct.set_progress(100, 100)
     assert ct.reference_decay == pytest.approx(0.9 ** (2 / 150))
-    assert set(CONSISTENCY_OBJECTIVES) == {"cd", "ct", "ict", "ect", "mcm", "tcm"}
+    assert set(METHOD_FAMILIES["consistency"]) == {"cd", "ct", "ict", "ect", "mcm", "tcm", "scm"}
 
 
 # ------------------------------------------------------------------------------------- UCGM mappings
@@ -543,7 +544,7 @@ def test_ect_and_ict_match_ucgm_between_zero_and_one_up_to_a_per_sample_factor(m
 ])
 def test_bad_configs_raise_value_errors_naming_the_problem(config, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-        build_objective(config, LINEAR)
+        build_method(config, LINEAR)
 
 
 def test_bad_calls_raise_value_errors():
@@ -567,19 +568,30 @@ def test_bad_calls_raise_value_errors():
         objective(small_mlp(), torch.full((4, 2), math.nan))
 
 
-def test_cd_teacher_from_a_checkpoint_or_a_model(tmp_path):
-    from ucgm.training.checkpoint import write_checkpoint
-    from ucgm.cli.components import accepted_keys, build_model, with_data_defaults
+def test_cd_teacher_from_a_checkpoint_is_a_frozen_network_the_trainer_loads(tmp_path):
+    from ucgm.cli.components import _checkpoint_network, accepted_keys, build_model, with_data_defaults
     from ucgm.cli.config import resolve_config
+    from ucgm.methods.base import Batch, Networks
+    from ucgm.training.checkpoint import write_checkpoint
+    from ucgm.training.networks import build_networks
+    from ucgm.training.settings import EMAConfig, OptimizerConfig
 
     config = with_data_defaults(resolve_config("gmm", ["model.hidden=16", "model.depth=1"], accepted_keys), (2,), 8)
     teacher = build_model(config)
     metadata = {"config": config, "normalisation": None, "data_shape": [2], "num_classes": 8}
     write_checkpoint(tmp_path / "teacher", 1, {"model": teacher.state_dict()}, metadata, state={})
     data, labels = MIXTURE.sample(16, generator=torch.Generator().manual_seed(0))
-    losses = []
-    for spec in (f"checkpoint:{tmp_path / 'teacher'}", teacher):
-        objective = build_objective({"name": "cd", "teacher": spec, "teacher_transport": "linear"}, LINEAR)
-        losses.append(objective(small_mlp(num_classes=8), data, labels,
-                                generator=torch.Generator().manual_seed(1)).loss)
-    torch.testing.assert_close(losses[0], losses[1])
+    student = small_mlp(num_classes=8)
+    from_checkpoint = build_method({"name": "cd", "teacher": f"checkpoint:{tmp_path / 'teacher'}"}, LINEAR)
+    with pytest.raises(ValueError, match="loaded by the trainer"):
+        from_checkpoint(student, data, labels)
+    setups = build_networks(from_checkpoint, student, OptimizerConfig(), EMAConfig(),
+                            load_checkpoint=_checkpoint_network)
+    loaded = setups["teacher"]
+    assert loaded.optimizer is None and not any(p.requires_grad for p in loaded.module.parameters())
+    assert loaded.module.transport.name == "linear"
+    networks = Networks({role: setup.module for role, setup in setups.items()})
+    via_trainer = from_checkpoint.loss("train", networks, Batch(data, labels, None, torch.Generator().manual_seed(1)))
+    direct = build_method({"name": "cd", "teacher": teacher, "teacher_transport": "linear"}, LINEAR)(
+        student, data, labels, reference_model=networks.module("reference"), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(via_trainer.loss, direct.loss)

@@ -17,7 +17,7 @@ from ucgm.methods.consistency.presets import CONSISTENCY_PRESETS
 from ucgm.training.checkpoint import complete_checkpoints, read_weights
 from ucgm.cli.components import accepted_keys
 from ucgm.cli.config import load_config_source, read_yaml_mapping, resolve_config
-from ucgm.training.schema import ConfigError
+from ucgm.validation import ConfigError
 
 OBJECTIVES = ("cd", "ct", "ict", "ect", "mcm", "tcm", "scm")
 #: A digits UNet small enough for a few CPU steps in well under a second.

@@ -15,7 +15,6 @@ import torch
 from ucgm.data.digits import DIGITS_NORMALISATION, load_digits_split
 from ucgm.data.mixtures import GaussianMixture, OracleModel
 from ucgm.models import MLP
-from ucgm.methods import consistency_registry  # noqa: F401  (registers the consistency objectives)
 from ucgm.sampling.editing import (
     BlockSubspace,
     LUMA_WEIGHTS,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ucgm.methods import FlowMatchingObjective, UCGMObjective, build_objective
+from ucgm.methods import FlowMatchingObjective, UCGMObjective, build_method
 from ucgm.methods.base import drop_labels
 from ucgm.methods.diffusion.ucgm import data_prediction_tangent, sample_beta_time
 from ucgm.transports import make_transport
@@ -169,7 +169,7 @@ def test_label_dropout_uses_null_label():
     assert float((dropped == 3).float().mean()) == pytest.approx(0.5, abs=0.03)
 
 
-def test_from_official_names_and_build_objective():
+def test_from_official_names_and_build_method():
     objective = UCGMObjective.from_official({"consistc_ratio": 1.0, "ema_decay_rate": 1.0, "scaled_cbl_eps": 5.0,
                                              "weight_funcion": "Cosine", "enhanced_ratio": 2.0,
                                              "enhanced_style": "fc-vs-xz"})
@@ -177,12 +177,12 @@ def test_from_official_names_and_build_objective():
     assert objective.time_weighting == "cosine"
     multi = UCGMObjective.from_official({"enhanced_ratio": 2.0})  # official remap (r - 1) / r when lambda = 0
     assert multi.enhanced_ratio == 0.5 and multi.enhanced_style == "ft-vs-fe" and multi.reference_mode == "ema"
-    built = build_objective({"name": "ucgm", "consistency_ratio": 0.5}, make_transport("linear"))
+    built = build_method({"name": "ucgm", "consistency_ratio": 0.5}, make_transport("linear"))
     assert built.consistency_ratio == 0.5
     with pytest.raises(ValueError, match="unknown option 'consistency_ration'.*did you mean 'consistency_ratio'"):
-        build_objective({"name": "ucgm", "consistency_ration": 0.5}, make_transport("linear"))
+        build_method({"name": "ucgm", "consistency_ration": 0.5}, make_transport("linear"))
     with pytest.raises(ValueError, match="unknown objective 'diffusion'"):
-        build_objective({"name": "diffusion"}, make_transport("linear"))
+        build_method({"name": "diffusion"}, make_transport("linear"))
     with pytest.raises(ValueError, match="unknown official UCGM arguments"):
         UCGMObjective.from_official({"consistc_ratios": 1.0})
 

@@ -11,7 +11,7 @@ import torch.distributed as distributed
 from ucgm.data.mixtures import GaussianMixture, OracleModel, eight_gaussians
 from ucgm.metrics import sliced_wasserstein
 from ucgm.models.mlp import MLP
-from ucgm.methods import FlowMatchingObjective, SCMObjective, UCGMObjective, build_objective
+from ucgm.methods import FlowMatchingObjective, SCMObjective, UCGMObjective, build_method
 from ucgm.methods.consistency.adaptive_weighting import AdaptiveWeighting
 from ucgm.methods.consistency.scm import sample_trigflow_time
 from ucgm.methods.consistency.scm_tangent import (
@@ -201,12 +201,12 @@ def test_adaptive_weighting_loss_head_gradients_and_state():
     result = objective(model, data, labels, time=time, noise=noise)
     torch.testing.assert_close(result.per_sample, math.exp(-0.3) * plain.per_sample + 0.3)
     result.loss.backward()
-    head = list(objective.parameters())
+    head = list(objective.weighting.parameters())
     assert len(head) == 2 and all(p.grad is not None and torch.isfinite(p.grad).all() for p in head)
-    restored = SCMObjective()
-    restored.load_state_dict(objective.state_dict())
-    torch.testing.assert_close(restored.weighting(HALF_PI * time), objective.weighting(HALF_PI * time))
-    assert list(SCMObjective(adaptive_weighting=False).parameters()) == []
+    assert objective.build_network("weighting") is objective.weighting  # a network the trainer optimises
+    assert set(objective.networks()) == {"model", "weighting"}
+    assert [phase.networks for phase in objective.schedule()] == [("model", "weighting")]
+    assert set(SCMObjective(adaptive_weighting=False).networks()) == {"model"}
     assert torch.equal(AdaptiveWeighting(seed=3).frequencies, AdaptiveWeighting(seed=3).frequencies)
 
 
@@ -238,7 +238,6 @@ def test_ddp_wrapped_model_gives_the_same_loss_and_gradients(single_process_grou
         torch.nn.init.constant_(objective.weighting.bias, 0.1)
         result = objective(network, data, labels, time=time, noise=noise)
         result.loss.backward()
-        objective.average_gradients()
         results.append((result.loss.detach(), flat_gradient(model), objective.weighting.bias.grad))
     for plain, wrapped in zip(*results):
         torch.testing.assert_close(plain, wrapped)
@@ -410,10 +409,10 @@ class FlowMatchingWithProgress(FlowMatchingObjective):
 
 # ------------------------------------------------------------------------------------------ plumbing
 def test_registered_and_built_from_a_config():
-    objective = build_objective({"name": "scm", "teacher": "oracle:8gaussians", "adaptive_weighting": False},
+    objective = build_method({"name": "scm", "teacher": "oracle:8gaussians", "adaptive_weighting": False},
                                 TRIGFLOW)
     assert isinstance(objective, SCMObjective) and objective.teacher_adapter is not None
-    assert build_objective({"name": "scm", "teacher": "reference"}, TRIGFLOW).reference_mode == "frozen"
+    assert build_method({"name": "scm", "teacher": "reference"}, TRIGFLOW).reference_mode == "frozen"
 
 
 def test_same_generator_same_loss():

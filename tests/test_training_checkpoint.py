@@ -22,7 +22,7 @@ from ucgm.training.checkpoint import (
     write_checkpoint,
 )
 from ucgm.training.loop import Trainer
-from ucgm.training.schema import OptimizerConfig, TrainingConfig
+from ucgm.training.settings import OptimizerConfig, TrainingConfig
 
 METADATA = {"config": {"model": {"name": "mlp"}}, "normalisation": {"kind": "affine", "scale": 1.0, "shift": 0.0},
             "data_shape": [2], "num_classes": 0}
@@ -30,8 +30,8 @@ METADATA = {"config": {"model": {"name": "mlp"}}, "normalisation": {"kind": "aff
 
 def _trainer(seed: int = 0) -> Trainer:
     torch.manual_seed(seed)
-    return Trainer(TinyMLP(), TinyFlowMatching(), GaussianBatches(), TrainingConfig(steps=10, batch_size=8),
-                   OptimizerConfig(lr=1e-2))
+    return Trainer.for_objective(TinyMLP(), TinyFlowMatching(), GaussianBatches(),
+                                 TrainingConfig(steps=10, batch_size=8), OptimizerConfig(lr=1e-2))
 
 
 def _write(run_dir: Path, step: int, keep_last=None) -> Path:

@@ -16,7 +16,8 @@ from ucgm.cli.config import (
     save_config,
 )
 from ucgm.cli.train import check_resumable
-from ucgm.training.schema import ConfigError, typed_section
+from ucgm.cli.schema import typed_section
+from ucgm.validation import ConfigError
 
 
 def test_every_preset_resolves():

@@ -3,6 +3,8 @@ the job with an error instead of a hang; FSDP (slow) agrees with DDP."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -10,9 +12,10 @@ import time
 
 import pytest
 import torch
-from training_fixtures import TINY_GMM, losses, subprocess_env, tiny_gmm_config
+from training_fixtures import TINY_GMM, TWO_NETWORK, losses, subprocess_env, tiny_gmm_config
 
-from ucgm.training.checkpoint import read_weights
+from ucgm.cli.run_log import read_stats
+from ucgm.training.checkpoint import complete_checkpoints, read_weights
 from ucgm.cli.train import run_training
 
 STEPS = 12
@@ -23,9 +26,10 @@ def _torchrun(*arguments: str, timeout: float = 240) -> subprocess.CompletedProc
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), check=False)
 
 
-def _train_job(run_dir, *overrides: str, steps: int = STEPS) -> subprocess.CompletedProcess:
+def _train_job(run_dir, *overrides: str, steps: int = STEPS, checkpoint_every: int = 6
+               ) -> subprocess.CompletedProcess:
     return _torchrun("-m", "ucgm", "train", "gmm", "--run-dir", str(run_dir), "--steps", str(steps),
-                     "--log-every", "1", "--checkpoint-every", "6", *TINY_GMM, *overrides)
+                     "--log-every", "1", "--checkpoint-every", str(checkpoint_every), *TINY_GMM, *overrides)
 
 
 def _single_process_reference(run_dir) -> list:
@@ -54,7 +58,7 @@ import os, torch
 from ucgm.methods.base import Objective, ObjectiveOutput
 from ucgm.training.distributed import distributed_session
 from ucgm.training.loop import Trainer
-from ucgm.training.schema import OptimizerConfig, TrainingConfig
+from ucgm.training.settings import OptimizerConfig, TrainingConfig
 
 class Data:
     def sample_batch(self, size, generator):
@@ -68,8 +72,8 @@ class FailsOnRankOne(Objective):
         return ObjectiveOutput(model(data).pow(2).mean(), data[:, 0], {})
 
 with distributed_session("cpu", timeout_seconds=30) as context:
-    trainer = Trainer(torch.nn.Linear(2, 2), FailsOnRankOne(), Data(), TrainingConfig(steps=50, batch_size=8),
-                      OptimizerConfig(), context)
+    trainer = Trainer.for_objective(torch.nn.Linear(2, 2), FailsOnRankOne(), Data(),
+                                    TrainingConfig(steps=50, batch_size=8), OptimizerConfig(), context)
     trainer.fit(50)
 """
 
@@ -96,3 +100,35 @@ def test_fsdp_matches_ddp(tmp_path):
     resumed = _train_job(tmp_path / "fsdp", "training.parallel=fsdp", steps=16)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [step for step, _ in losses(tmp_path / "fsdp")] == list(range(1, 17))
+
+
+def test_two_network_method_under_two_process_ddp_resumes_exactly_after_sigkill(tmp_path):
+    """The whole job (launcher and both ranks) is killed after its first checkpoint; the same command resumes it,
+    and stats.jsonl equals the uninterrupted job's: one row per step, none duplicated or missing."""
+    steps, every = 24, 6
+    reference = _train_job(tmp_path / "uninterrupted", *TWO_NETWORK, steps=steps, checkpoint_every=every)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = read_stats(tmp_path / "uninterrupted" / "stats.jsonl")
+    assert [record["step"] for record in expected] == list(range(1, steps + 1))
+
+    run_dir = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ucgm",
+               "train", "gmm", "--run-dir", str(run_dir), "--steps", str(steps), "--log-every", "1",
+               "--checkpoint-every", str(every), *TINY_GMM, *TWO_NETWORK]
+    job = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.monotonic() + 240
+    while job.poll() is None and time.monotonic() < deadline:
+        records = read_stats(run_dir / "stats.jsonl")
+        if complete_checkpoints(run_dir) and records and records[-1]["step"] >= every + 2:
+            os.killpg(job.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    job.wait()
+    assert job.returncode == -signal.SIGKILL, "the job ended before it could be killed"
+    resumed = _torchrun("-m", "ucgm", "train", "gmm", "--run-dir", str(run_dir), "--steps", str(steps),
+                        "--log-every", "1", "--checkpoint-every", str(every), *TINY_GMM, *TWO_NETWORK)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    keys = ("step", "loss", "loss/critic", "loss/generator", "lr")
+    got = read_stats(run_dir / "stats.jsonl")
+    assert [[record[key] for key in keys] for record in got] == [[record[key] for key in keys] for record in expected]

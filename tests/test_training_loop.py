@@ -1,4 +1,5 @@
-"""The method-agnostic trainer with stand-in model and objective: exact resume, shards, EMA, reference, optimizer."""
+"""The method-agnostic trainer with stand-in models and methods: exact resume, shards, EMA, reference networks,
+multi-network schedules, non-finite gradients, optimizers."""
 
 from __future__ import annotations
 
@@ -6,35 +7,42 @@ import math
 
 import pytest
 import torch
-from training_fixtures import GaussianBatches, TinyFlowMatching, TinyMLP, tiny_gmm_config
+from training_fixtures import GaussianBatches, TinyFlowMatching, TinyMLP, TwoNetworkMethod, tiny_gmm_config
 
-from ucgm.methods.base import ObjectiveOutput
+from ucgm.bench.minimal_loop import minimal_training_loop
+from ucgm.data.base import AffineNormalisation, TensorDataset
+from ucgm.methods.base import NetworkSpec, ObjectiveOutput, Phase, warmed_up_decay
 from ucgm.training.batches import CycledBatches, DatasetBatches, ShardPlan
 from ucgm.training.ema import power_ema_exponent
-from ucgm.training.loop import Hook, Trainer
-from ucgm.bench.minimal_loop import minimal_training_loop
-from ucgm.training.optim import sanitise_and_clip, warmup_lr
-from ucgm.training.reference import next_reference_decay
-from ucgm.training.schema import EMAConfig, OptimizerConfig, TrainingConfig
+from ucgm.training.loop import Hook, Trainer, TrainingDiverged
+from ucgm.training.networks import build_networks
+from ucgm.training.optim import gradient_norm, warmup_lr
+from ucgm.training.settings import EMAConfig, OptimizerConfig, TrainingConfig
+from ucgm.validation import ConfigError
 
 METADATA = {"config": {}, "data_shape": [2], "num_classes": 0}
+OPTIMIZER = OptimizerConfig(lr=1e-2, warmup_steps=2, grad_clip=1.0)
 
 
-def _trainer(objective=None, seed=0, **training) -> Trainer:
+def _trainer(objective=None, seed=0, pretrained=False, batches=None, **training) -> Trainer:
     torch.manual_seed(seed)
     settings = TrainingConfig(**{"steps": 10, "batch_size": 8, **training})
-    return Trainer(TinyMLP(), objective or TinyFlowMatching(), GaussianBatches(), settings,
-                   OptimizerConfig(lr=1e-2, warmup_steps=2, grad_clip=1.0))
+    return Trainer.for_objective(TinyMLP(), objective or TinyFlowMatching(), batches or GaussianBatches(), settings,
+                                 OPTIMIZER, pretrained=pretrained)
 
 
-def _losses_per_step(trainer: Trainer, until: int) -> list[float]:
+def _losses_per_step(trainer: Trainer, until: int) -> list[dict]:
     losses = []
-    trainer.fit(until, [Hook(1, lambda t: losses.append(t.pop_mean_loss()))])
+    trainer.fit(until, [Hook(1, lambda t: losses.append(t.pop_mean_losses()))])
     return losses
 
 
+def _parameters(module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
 def test_resume_from_a_checkpoint_is_exact(tmp_path):
-    make = lambda: TinyFlowMatching(reference_mode="ema", reference_decay=0.9)
+    make = lambda: TinyFlowMatching(reference_mode="ema", reference_decay=0.9)  # noqa: E731
     uninterrupted = _trainer(make())
     expected = _losses_per_step(uninterrupted, 8)
 
@@ -46,26 +54,73 @@ def test_resume_from_a_checkpoint_is_exact(tmp_path):
     after = _losses_per_step(resumed, 8)
 
     assert before + after == expected
-    for a, b in zip(uninterrupted.weights()["ema"].values(), resumed.weights()["ema"].values()):
-        assert torch.equal(a, b)
-    for a, b in zip(uninterrupted.reference.module.parameters(), resumed.reference.module.parameters()):
-        assert torch.equal(a, b)
-    assert uninterrupted.reference.decay == resumed.reference.decay
+    for group in ("model", "ema", "reference"):
+        for a, b in zip(uninterrupted.weights()[group].values(), resumed.weights()[group].values()):
+            assert torch.equal(a, b)
+
+
+def test_two_networks_on_a_five_to_one_schedule_with_their_own_learning_rates_resume_exactly(tmp_path):
+    """Phases in order, each network stepped only in its phase with its own optimizer; everything resumes."""
+    def make(seed=0):
+        torch.manual_seed(seed)
+        method = TwoNetworkMethod()
+        networks = build_networks(method, TinyMLP(), OptimizerConfig(lr=1e-2), EMAConfig(decay=0.5),
+                                  build_backbone=lambda role, spec: TinyMLP())
+        return Trainer(method, networks, GaussianBatches(), TrainingConfig(steps=6, batch_size=8))
+
+    trainer = make()
+    assert [(p.name, p.repeats) for p in trainer.schedule] == [("critic", 5), ("generator", 1)]
+    assert trainer.networks["critic"].optimizer.param_groups[0]["lr"] == 1e-3
+    assert trainer.networks["model"].optimizer.param_groups[0]["lr"] == 1e-2
+    generator_before = _parameters(trainer.networks["model"].module)
+    critic_before = _parameters(trainer.networks["critic"].module)
+    trainer.train_step()
+    assert trainer.method.calls == ["critic"] * 5 + ["generator"]
+    assert trainer.networks["critic"].updates == 5 and trainer.networks["model"].updates == 1
+    assert not any(torch.equal(a, b) for a, b in zip(generator_before, trainer.networks["model"].module.parameters()))
+    assert not any(torch.equal(a, b) for a, b in zip(critic_before, trainer.networks["critic"].module.parameters()))
+    # the generator phase saw a frozen critic (gradients only through its input), and vice versa
+    assert trainer.method.grad_flags == [("critic", True, False)] * 5 + [("generator", False, True)]
+
+    uninterrupted = make()
+    expected = _losses_per_step(uninterrupted, 6)
+    assert set(expected[0]) == {"loss", "loss/critic", "loss/generator"}
+    first = make()
+    before = _losses_per_step(first, 2)
+    first.save_checkpoint(tmp_path, METADATA)
+    resumed = make(seed=7)
+    resumed.load_checkpoint(tmp_path / "checkpoints" / "step_0000002")
+    assert before + _losses_per_step(resumed, 6) == expected
+    for group in ("model", "ema", "critic", "critic-ema"):
+        for a, b in zip(uninterrupted.weights()[group].values(), resumed.weights()[group].values()):
+            assert torch.equal(a, b)
+    assert resumed.method.state_dict() == uninterrupted.method.state_dict()
 
 
 def test_one_process_with_two_rounds_sees_the_shards_of_two_processes():
     source = DatasetBatches(GaussianBatches(), seed=5)
     single = ShardPlan(source, 8, 2, rank=0, world_size=1, seed=5, device=torch.device("cpu"))
     ranks = [ShardPlan(source, 8, 1, rank=r, world_size=2, seed=5, device=torch.device("cpu")) for r in (0, 1)]
-    for step in (0, 7):
-        rounds = [(b.data, torch.rand(3, generator=b.generator)) for b in single.micro_batches(step)]
-        split = [(b.data, torch.rand(3, generator=b.generator)) for plan in ranks for b in plan.micro_batches(step)]
+    for step, slot in ((0, 0), (7, 0), (3, 2)):
+        rounds = [(b.data, torch.rand(3, generator=b.generator)) for b in single.micro_batches(step, slot)]
+        split = [(b.data, torch.rand(3, generator=b.generator)) for plan in ranks
+                 for b in plan.micro_batches(step, slot)]
         for (data_a, draw_a), (data_b, draw_b) in zip(rounds, split):
             assert data_a.shape == (4, 2) and torch.equal(data_a, data_b) and torch.equal(draw_a, draw_b)
-    step0, step1 = (next(iter(single.micro_batches(step))).data for step in (0, 1))
-    assert not torch.equal(step0, step1)
+    step0, step1, slot1 = (next(iter(single.micro_batches(step, slot))).data for step, slot in ((0, 0), (1, 0), (0, 1)))
+    assert not torch.equal(step0, step1) and not torch.equal(step0, slot1)
     with pytest.raises(ValueError, match="divisible"):
         ShardPlan(source, 6, 4, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+
+
+def test_batches_of_indexed_datasets_carry_their_sample_indices():
+    data = torch.arange(40, dtype=torch.float32).reshape(20, 2)
+    dataset = TensorDataset(data, None, 0, AffineNormalisation(1.0, 0.0))
+    plan = ShardPlan(DatasetBatches(dataset, seed=1), 8, 1, rank=0, world_size=1, seed=1, device=torch.device("cpu"))
+    batch = next(iter(plan.micro_batches(3)))
+    assert batch.indices.shape == (8,) and torch.equal(batch.data, data[batch.indices])
+    assert next(iter(ShardPlan(DatasetBatches(GaussianBatches(), 1), 8, 1, 0, 1, 1,
+                               torch.device("cpu")).micro_batches(0))).indices is None
 
 
 def test_grad_accumulation_matches_the_mean_of_its_micro_batches():
@@ -76,54 +131,88 @@ def test_grad_accumulation_matches_the_mean_of_its_micro_batches():
     model = TinyMLP()
     shard_losses = [objective(model, b.data, b.labels, generator=b.generator).loss.item()
                     for b in whole.plan.micro_batches(0)]
-    assert losses[0] == pytest.approx(sum(shard_losses) / 2, rel=1e-6)
+    assert losses[0]["loss"] == pytest.approx(sum(shard_losses) / 2, rel=1e-6)
 
 
 def test_constant_ema_and_power_ema():
     trainer = _trainer(ema=EMAConfig(kind="constant", decay=0.75))
-    initial = [p.detach().clone() for p in trainer.model.parameters()]
+    initial = _parameters(trainer.model)
     trainer.fit(1)
-    for ema, start, now in zip(trainer.ema.module.parameters(), initial, trainer.model.parameters()):
-        assert torch.allclose(ema, 0.75 * start + 0.25 * now)
+    ema = trainer.networks["model"].ema
+    for average, start, now in zip(ema.module.parameters(), initial, trainer.model.parameters()):
+        assert torch.allclose(average, 0.75 * start + 0.25 * now)
     assert power_ema_exponent(0.1) == pytest.approx(6.94, abs=0.01)
     assert power_ema_exponent(0.05) == pytest.approx(16.97, abs=0.01)
     gamma = power_ema_exponent(0.07)
     assert math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))) == pytest.approx(0.07)
-    power = _trainer(ema=EMAConfig(kind="power", std=0.1))
-    assert power.ema.decay(0) == 0.0
-    assert power.ema.decay(99) == pytest.approx(0.99 ** (6.94 + 1), rel=1e-3)
-    assert _trainer(ema=EMAConfig(kind="none")).ema is None
+    power = _trainer(ema=EMAConfig(kind="power", std=0.1)).networks["model"].ema
+    assert power.decay(0) == 0.0
+    assert power.decay(99) == pytest.approx(0.99 ** (6.94 + 1), rel=1e-3)
+    assert _trainer(ema=EMAConfig(kind="none")).networks["model"].ema is None
 
 
-def test_reference_modes():
-    assert [round(d, 6) for d in _decays(0.9, 4)] == [0.0, 0.45, 0.57375, 0.643282]
-    ema_objective = TinyFlowMatching("ema", 0.9)
-    trainer = _trainer(ema_objective)
-    initial = [p.detach().clone() for p in trainer.model.parameters()]
+def test_reference_networks_follow_their_mode():
+    assert [round(warmed_up_decay(0.9, k), 6) for k in range(4)] == [0.0, 0.45, 0.57375, 0.643282]
+    warm = TinyFlowMatching("ema", 0.9)
+    warm.reference_warmup = True
+    trainer = _trainer(warm)
+    initial = _parameters(trainer.model)
     trainer.fit(1)  # d_0 = 0: before the first loss the reference is the model itself
-    assert all(torch.equal(r, p) for r, p in zip(trainer.reference.module.parameters(), initial))
-    assert trainer.reference.decay == pytest.approx(0.45)
+    reference = trainer.networks["reference"].module
+    assert all(torch.equal(r, p) for r, p in zip(reference.parameters(), initial))
+    assert warm.reference_calls[-1] is reference
 
-    frozen = _trainer(TinyFlowMatching("frozen"))
-    start = [p.detach().clone() for p in frozen.model.parameters()]
+    frozen = _trainer(TinyFlowMatching("frozen"), pretrained=True)
+    start = _parameters(frozen.model)
     frozen.fit(3)
-    assert all(torch.equal(r, p) for r, p in zip(frozen.reference.module.parameters(), start))
+    assert all(torch.equal(r, p) for r, p in zip(frozen.networks["reference"].module.parameters(), start))
     assert not all(torch.equal(r, p) for r, p in zip(frozen.model.parameters(), start))
+    with pytest.raises(ConfigError, match="init.checkpoint"):
+        _trainer(TinyFlowMatching("frozen"))  # a frozen copy of random weights is an error
 
     online = _trainer(TinyFlowMatching("online"))
     online.fit(1)
-    assert online.objective.reference_calls[-1] is online.model
+    assert online.method.reference_calls[-1] is online.model
     plain = _trainer(TinyFlowMatching(None))
     plain.fit(1)
-    assert plain.objective.reference_calls[-1] is None
+    assert plain.method.reference_calls[-1] is None and set(plain.networks) == {"model"}
 
 
-def _decays(target, count):
-    values, decay = [], 0.0
-    for _ in range(count):
-        values.append(decay)
-        decay = next_reference_decay(decay, target)
-    return values
+class _Curriculum(TinyFlowMatching):
+    """A stand-in objective with a progress-dependent target decay mu(k), applied without warm-up."""
+
+    def __init__(self):
+        super().__init__("ema")
+        self.progress = []
+
+    def set_progress(self, step, total_steps=None):
+        self.progress.append((step, total_steps))
+
+    @property
+    def reference_decay(self):
+        return 0.5 if len(self.progress) < 2 else 0.9
+
+    @reference_decay.setter
+    def reference_decay(self, value):
+        pass
+
+
+def test_target_decay_of_a_curriculum_is_applied_directly_through_the_trainer():
+    objective = _Curriculum()
+    trainer = _trainer(objective, steps=7)
+    target, source = trainer.networks["reference"], trainer.networks["model"]
+    expected = _parameters(trainer.model)
+    for step in range(3):
+        online = _parameters(source.module)
+        trainer.train_step()
+        decay = 0.5 if step == 0 else 0.9
+        expected = [decay * e + (1 - decay) * o for e, o in zip(expected, online)]
+        for have, want in zip(target.module.parameters(), expected):
+            torch.testing.assert_close(have, want)
+    assert objective.progress == [(0, 7), (1, 7), (2, 7)]
+    minimal_objective = _Curriculum()
+    minimal_training_loop(TinyMLP(), minimal_objective, [(torch.randn(8, 2), None)], 2, 1e-3)
+    assert minimal_objective.progress == [(0, 2), (1, 2)]
 
 
 def test_learning_rate_warmup():
@@ -134,21 +223,41 @@ def test_learning_rate_warmup():
     assert seen == [0.005, 0.01, 0.01, 0.01]
 
 
-def test_nan_gradients_are_zeroed_and_norms_clipped():
+def test_gradient_norm_matches_clip_grad_norm():
     parameters = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
-    parameters[0].grad = torch.tensor([float("nan"), 3.0, 4.0])
-    parameters[1].grad = torch.tensor([0.0, 0.0])
-    sanitise_and_clip(parameters, max_norm=1.0)
-    assert torch.allclose(parameters[0].grad, torch.tensor([0.0, 0.6, 0.8]), atol=1e-5)
+    parameters[0].grad = torch.tensor([1.0, 3.0, 4.0])
+    parameters[1].grad = torch.tensor([0.5, 0.0])
+    norm = gradient_norm(parameters)
+    assert torch.equal(norm, torch.nn.utils.clip_grad_norm_(parameters, 1e9))
 
-    class Poisoned(TinyFlowMatching):
-        def __call__(self, model, data, labels=None, **kwargs):
-            output = super().__call__(model, data, labels, **kwargs)
-            return ObjectiveOutput(output.loss * torch.tensor(float("nan")), output.per_sample, {})
 
-    trainer = _trainer(Poisoned())
+class _Poisoned(TinyFlowMatching):
+    """Non-finite losses at the steps listed in ``bad_steps`` (counted per call)."""
+
+    def __init__(self, bad_steps):
+        super().__init__()
+        self.bad_steps, self.calls = set(bad_steps), 0
+
+    def __call__(self, model, data, labels=None, **kwargs):
+        output = super().__call__(model, data, labels, **kwargs)
+        poisoned = self.calls in self.bad_steps
+        self.calls += 1
+        loss = output.loss * torch.tensor(float("nan")) if poisoned else output.loss
+        return ObjectiveOutput(loss, output.per_sample, {})
+
+
+def test_non_finite_updates_are_skipped_counted_and_a_run_of_them_stops_training():
+    trainer = _trainer(_Poisoned({1, 2}), max_nonfinite_steps=3)
     trainer.fit(2)
-    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    after_bad = _parameters(trainer.model)
+    trainer.fit(3)  # step 2 is bad as well: skipped, the weights do not move
+    assert all(torch.equal(a, b) for a, b in zip(after_bad, trainer.model.parameters()))
+    trainer.fit(5)
+    assert trainer.nonfinite_steps == 2 and all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    diverging = _trainer(_Poisoned(range(2, 100)), max_nonfinite_steps=3)
+    with pytest.raises(TrainingDiverged, match="3 consecutive updates"):
+        diverging.fit(10)
+    assert diverging.step == 4  # steps 2, 3, 4 non-finite: the third ends the run
 
 
 def test_objective_stats_and_logged_loss_are_read_only_at_log_steps():
@@ -165,46 +274,34 @@ def test_minimal_loop_and_cycled_batches():
     losses = minimal_training_loop(TinyMLP(), TinyFlowMatching("online"), batches, 5, 1e-2)
     assert losses.shape == (5,) and torch.isfinite(losses).all()
     torch.manual_seed(0)
-    trainer = Trainer(TinyMLP(), TinyFlowMatching(), CycledBatches(batches), TrainingConfig(steps=5, batch_size=8),
-                      OptimizerConfig(lr=1e-2))
+    trainer = Trainer.for_objective(TinyMLP(), TinyFlowMatching(), CycledBatches(batches),
+                                    TrainingConfig(steps=5, batch_size=8), OptimizerConfig(lr=1e-2))
     trainer.fit(5)
     assert trainer.step == 5
     with pytest.raises(ValueError, match="shards of 4"):
-        CycledBatches(batches).shard_batch(0, 0, 4)
+        CycledBatches(batches).shard_batch((0, 0), 4)
 
 
-class _Curriculum(TinyFlowMatching):
-    """A stand-in objective with a progress-dependent reference decay."""
-
-    reference_mode = "ema"
-
-    def __init__(self):  # the base constructor would assign the read-only reference_decay
-        self.reference_calls, self.progress = [], []
-
-    def set_progress(self, step, total_steps=None):
-        self.progress.append((step, total_steps))
-
-    @property
-    def reference_decay(self):
-        return 0.5 if len(self.progress) < 2 else 0.9
-
-
-def test_objective_progress_and_curriculum_decay_are_read_every_step():
-    objective = _Curriculum()
-    trainer = _trainer(objective, steps=7)
-    trainer.fit(3)
-    assert objective.progress == [(0, 7), (1, 7), (2, 7)]
-    assert trainer.reference.decay == pytest.approx(next_reference_decay(next_reference_decay(0.25, 0.9), 0.9))
-    minimal_objective = _Curriculum()
-    minimal_training_loop(TinyMLP(), minimal_objective, [(torch.randn(8, 2), None)], 2, 1e-3)
-    assert minimal_objective.progress == [(0, 2), (1, 2)]
+def test_network_specs_are_checked():
+    with pytest.raises(ValueError, match="allowed: 'scratch'"):
+        NetworkSpec(init="somewhere")
+    with pytest.raises(ValueError, match="cannot also be trainable"):
+        NetworkSpec(tracks="model")
+    with pytest.raises(ValueError, match="repeats"):
+        Phase("p", ("model",), repeats=0)
+    method = TwoNetworkMethod()
+    with pytest.raises(ConfigError, match="no network 'fake'"):
+        build_networks(method, TinyMLP(), OPTIMIZER, EMAConfig(), build_backbone=lambda role, spec: TinyMLP(),
+                       overrides={"fake": {"optimizer": {"lr": 1.0}}})
+    with pytest.raises(ConfigError, match="unknown OptimizerConfig setting 'learning_rate'"):
+        build_networks(method, TinyMLP(), OPTIMIZER, EMAConfig(), build_backbone=lambda role, spec: TinyMLP(),
+                       overrides={"critic": {"optimizer": {"learning_rate": 1.0}}})
 
 
-def test_objective_parameters_are_trained_and_resumed_exactly(tmp_path):
-    """sCM's adaptive weighting head: optimised with the model, saved in state.pt and restored on resume."""
-    from ucgm.cli.components import (build_dataset, build_model, build_objective, build_transport,
-                                          with_data_defaults)
-    from ucgm.training.schema import typed_section
+def test_method_owned_networks_are_trained_and_resumed_exactly(tmp_path):
+    """sCM's adaptive weighting head: a network the method builds, optimised with the model, checkpointed."""
+    from ucgm.cli.components import build_dataset, build_method, build_model, build_run_networks, with_data_defaults
+    from ucgm.cli.schema import typed_section
 
     config = tiny_gmm_config("transport.name=trigflow", "objective=scm", "objective.tangent_method=finite_difference",
                              "objective.tangent_warmup_steps=2", "objective.adaptive_weighting=true")
@@ -213,14 +310,15 @@ def test_objective_parameters_are_trained_and_resumed_exactly(tmp_path):
 
     def make_trainer():
         torch.manual_seed(0)
-        objective = build_objective(config, build_transport(config))
-        return Trainer(build_model(config), objective, dataset, typed_section(config, "training"),
-                       typed_section(config, "optimizer"))
+        method = build_method(config)
+        networks = build_run_networks(config, method, build_model(config), False)
+        return Trainer(method, networks, dataset, typed_section(config, "training"))
 
     uninterrupted = make_trainer()
-    head_before = [p.detach().clone() for p in uninterrupted.objective_parameters]
+    head = uninterrupted.networks["weighting"].module
+    head_before = _parameters(head)
     expected = _losses_per_step(uninterrupted, 6)
-    assert head_before and any(not torch.equal(a, b) for a, b in zip(head_before, uninterrupted.objective_parameters))
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, head.parameters()))
 
     first = make_trainer()
     before = _losses_per_step(first, 3)
@@ -228,5 +326,5 @@ def test_objective_parameters_are_trained_and_resumed_exactly(tmp_path):
     resumed = make_trainer()
     resumed.load_checkpoint(tmp_path / "checkpoints" / "step_0000003")
     assert before + _losses_per_step(resumed, 6) == expected
-    for a, b in zip(uninterrupted.objective_parameters, resumed.objective_parameters):
+    for a, b in zip(head.parameters(), resumed.networks["weighting"].module.parameters()):
         assert torch.equal(a, b)

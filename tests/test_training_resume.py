@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from training_fixtures import TINY_GMM, cli_command, losses, run_cli, subprocess_env, tiny_gmm_config
+from training_fixtures import TINY_GMM, TWO_NETWORK, cli_command, losses, run_cli, subprocess_env, tiny_gmm_config
 
 from ucgm.training.checkpoint import complete_checkpoints, latest_checkpoint, read_checkpoint_info, read_state
 from ucgm.cli.train import run_training
@@ -18,9 +18,10 @@ from ucgm.cli.run_log import read_stats
 STEPS, CHECKPOINT_EVERY = 300, 50
 
 
-def _train_arguments(run_dir) -> list[str]:
-    return ["train", "gmm", "--run-dir", str(run_dir), "--steps", str(STEPS), "--checkpoint-every",
-            str(CHECKPOINT_EVERY), "--log-every", "1", *TINY_GMM]
+def _train_arguments(run_dir, *overrides: str, steps: int = STEPS, checkpoint_every: int = CHECKPOINT_EVERY
+                     ) -> list[str]:
+    return ["train", "gmm", "--run-dir", str(run_dir), "--steps", str(steps), "--checkpoint-every",
+            str(checkpoint_every), "--log-every", "1", *TINY_GMM, *overrides]
 
 
 def _kill_after(process: subprocess.Popen, run_dir, step: int, timeout: float = 240) -> int:
@@ -37,9 +38,9 @@ def _kill_after(process: subprocess.Popen, run_dir, step: int, timeout: float = 
     pytest.fail(f"the run ended (code {process.poll()}) before it could be killed at step {step}")
 
 
-def _config() -> dict:
-    return tiny_gmm_config(f"training.steps={STEPS}", f"training.checkpoint_every={CHECKPOINT_EVERY}",
-                           "training.log_every=1")
+def _config(*overrides: str, steps: int = STEPS, checkpoint_every: int = CHECKPOINT_EVERY) -> dict:
+    return tiny_gmm_config(f"training.steps={steps}", f"training.checkpoint_every={checkpoint_every}",
+                           "training.log_every=1", *overrides)
 
 
 def test_sigkill_then_rerun_gives_the_uninterrupted_losses(tmp_path):
@@ -90,3 +91,25 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_pat
     assert finished.returncode == 0, finished.stderr
     assert [step for step, _ in losses(run_dir)] == list(range(1, 7))
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_a_two_network_method_on_a_five_to_one_schedule_resumes_exactly_after_sigkill(tmp_path):
+    """Generator and critic with their own learning rates, EMA and optimizer states, and the method's own state."""
+    steps, every = 60, 10
+    reference_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    run_training(_config(*TWO_NETWORK, steps=steps, checkpoint_every=every), reference_dir, progress=False)
+    expected = read_stats(reference_dir / "stats.jsonl")
+    assert [record["step"] for record in expected] == list(range(1, steps + 1))
+    assert {"loss", "loss/critic", "loss/generator"} <= set(expected[0])
+    assert read_checkpoint_info(reference_dir).groups == ["critic", "critic-ema", "ema", "model"]
+
+    arguments = _train_arguments(run_dir, *TWO_NETWORK, steps=steps, checkpoint_every=every)
+    process = subprocess.Popen(cli_command(*arguments), env=subprocess_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    killed_at = _kill_after(process, run_dir, random.Random(2).randint(every + 3, steps - 15))
+    assert process.returncode == -signal.SIGKILL and killed_at < steps
+    finished = run_cli(*arguments)
+    assert finished.returncode == 0, finished.stderr
+    got = read_stats(run_dir / "stats.jsonl")
+    keys = ("step", "loss", "loss/critic", "loss/generator", "lr", "nonfinite_steps")
+    assert [[record[key] for key in keys] for record in got] == [[record[key] for key in keys] for record in expected]

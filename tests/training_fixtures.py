@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ucgm.methods.base import Objective, ObjectiveOutput
+from ucgm.methods.base import Method, NetworkSpec, Objective, ObjectiveOutput, Phase
 from ucgm.cli.components import accepted_keys
 from ucgm.cli.config import resolve_config
 from ucgm.cli.run_log import read_stats
@@ -30,10 +30,18 @@ def cli_command(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "ucgm", *arguments]
 
 
+#: Overrides selecting the stand-in two-network method (:class:`TwoNetworkMethod`, by its import path).
+TWO_NETWORK = ["objective=training_fixtures:TwoNetworkMethod"]
+
+
 def subprocess_env() -> dict:
+    """The environment of CLI subprocesses: one intra-op thread, unbuffered output, and this folder importable
+    (for the stand-in methods named by import path)."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
+                                                      env.get("PYTHONPATH")]))
     return env
 
 
@@ -85,3 +93,45 @@ class GaussianBatches:
 
     def sample_batch(self, batch_size, generator):
         return torch.randn(batch_size, 2, generator=generator) * 0.5 + 1.0, None
+
+
+class TwoNetworkMethod(Method):
+    """A stand-in two-network method: a ``critic`` (own learning rate 1e-3) trained 5 times per step to predict the
+    generator's (detached) output, then the ``model`` (generator) trained once through the frozen critic. Its own
+    state counts the critic losses."""
+
+    def __init__(self, transport=None, critic_lr: float = 1e-3):
+        from ucgm.transports import make_transport
+
+        self.transport = transport or make_transport("linear")
+        self.critic_lr = critic_lr
+        self.calls, self.grad_flags = [], []
+        self.critic_losses = torch.zeros((), dtype=torch.long)
+
+    def networks(self):
+        return {"model": NetworkSpec(), "critic": NetworkSpec(optimizer={"lr": self.critic_lr})}
+
+    def schedule(self):
+        return [Phase("critic", ("critic",), repeats=5), Phase("generator", ("model",))]
+
+    def loss(self, phase, networks, batch):
+        self.calls.append(phase)
+        critic_grad = next(networks.module("critic").parameters()).requires_grad
+        generator_grad = next(networks.module("model").parameters()).requires_grad
+        self.grad_flags.append((phase, critic_grad, generator_grad))
+        t = torch.rand(batch.data.shape[0], generator=batch.generator)
+        if phase == "critic":
+            self.critic_losses += 1
+            with torch.no_grad():
+                fake = networks.module("model")(batch.data, t, batch.labels)
+            per_sample = ((networks["critic"](batch.data, t, batch.labels) - fake) ** 2).mean(dim=1)
+        else:
+            fake = networks["model"](batch.data, t, batch.labels)
+            per_sample = ((networks["critic"](fake, t, batch.labels) - batch.data) ** 2).mean(dim=1)
+        return ObjectiveOutput(per_sample.mean(), per_sample.detach(), {f"{phase}_t": t.mean()})
+
+    def state_dict(self):
+        return {"critic_losses": self.critic_losses.clone()}
+
+    def load_state_dict(self, state):
+        self.critic_losses = state["critic_losses"].clone()

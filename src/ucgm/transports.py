@@ -23,6 +23,8 @@ from torch import Tensor
 
 #: The official UCGM code writes every pi/2 as this rounded constant; parity with it needs the same value.
 OFFICIAL_HALF_PI = 1.57
+#: Model conditions that are times (a flow map's target time ``s``): transports convert them like ``t``.
+TIME_CONDITIONS = ("s",)
 
 
 def broadcast_time(t: Tensor | float, like: Tensor) -> Tensor:
@@ -320,17 +322,28 @@ class Transport:
         return self.path.alpha_dot(tb) * noise + self.path.gamma_dot(tb) * data
 
     # network calls --------------------------------------------------------------------------------
-    def network_output(self, model: Callable, x_t: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        """The raw ``F``: ``sign * model(input_scale(t) x_t, network_time(t), labels)``; ``t`` is per-sample ``(B,)``."""
-        t = torch.as_tensor(t, device=x_t.device, dtype=x_t.dtype)
-        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t.reshape(x_t.shape[0])
+    def per_sample_time(self, t: Tensor | float, like: Tensor) -> Tensor:
+        """``t`` as a ``(B,)`` tensor in the dtype and on the device of ``like`` (a scalar is broadcast)."""
+        t = torch.as_tensor(t, device=like.device, dtype=like.dtype)
+        return t.expand(like.shape[0]) if t.ndim == 0 else t.reshape(like.shape[0])
+
+    def network_output(self, model: Callable, x_t: Tensor, t: Tensor, labels: Optional[Tensor] = None,
+                       **conditions: Optional[Tensor]) -> Tensor:
+        """The raw ``F``: ``sign * model(input_scale(t) x_t, network_time(t), labels, **conditions)``; ``t`` is
+        per-sample ``(B,)``, and time conditions (:data:`TIME_CONDITIONS`, e.g. a flow map's ``s``) are handed to
+        the network as ``network_time(s)``."""
+        t = self.per_sample_time(t, x_t)
+        for name in TIME_CONDITIONS:
+            if conditions.get(name) is not None:
+                conditions[name] = self.network_time(self.per_sample_time(conditions[name], x_t))
         model_input = x_t if self.input_scale is None else x_t * broadcast_time(self.input_scale(t), x_t)
-        output = model(model_input, self.network_time(t), labels)
+        output = model(model_input, self.network_time(t), labels, **conditions)
         return output if self.output_sign == 1 else self.output_sign * output
 
-    def predict(self, model: Callable, x_t: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Prediction:
-        """Call the model at ``(x_t, t)`` and recover the data and noise predictions."""
-        output = self.network_output(model, x_t, t, labels)
+    def predict(self, model: Callable, x_t: Tensor, t: Tensor, labels: Optional[Tensor] = None,
+                **conditions: Optional[Tensor]) -> Prediction:
+        """Call the model at ``(x_t, t)`` (with ``conditions``) and recover the data and noise predictions."""
+        output = self.network_output(model, x_t, t, labels, **conditions)
         data, noise = self.recover(output, x_t, t)
         return Prediction(output, data, noise)
 
@@ -411,10 +424,15 @@ class TransportAdapter(torch.nn.Module):
         self.transport = Transport(target.path, target.parameterisation, sigma_data=target.sigma_data,
                                    name=f"{native.name}->{target.name}")
 
-    def forward(self, x_t: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, labels: Optional[Tensor] = None, **conditions: Optional[Tensor]
+                ) -> Tensor:
         target_path = self.transport.path
-        ratio = target_path.alpha(t) / target_path.gamma(t)
-        native_t = self.native.path.time_for_ratio(ratio)
+        native_time = lambda time: self.native.path.time_for_ratio(target_path.alpha(time) / target_path.gamma(time))  # noqa: E731
+        native_t = native_time(t)
+        for name in TIME_CONDITIONS:
+            if conditions.get(name) is not None:
+                conditions[name] = native_time(conditions[name])
         scale = self.native.path.gamma(native_t) / target_path.gamma(t)
-        prediction = self.native.predict(self.model, x_t * broadcast_time(scale, x_t), native_t, labels)
+        prediction = self.native.predict(self.model, x_t * broadcast_time(scale, x_t), native_t, labels,
+                                         **conditions)
         return self.transport.output_from_predictions(prediction.data, prediction.noise, t)

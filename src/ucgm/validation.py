@@ -1,8 +1,10 @@
-"""Input checks that turn bad input into a ``ValueError`` naming the problem and the allowed values."""
+"""Input checks that turn bad input into a ``ValueError`` naming the problem and the allowed values, and the checks
+of config settings (:class:`ConfigError`)."""
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import math
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -42,3 +44,36 @@ def check_batch(name: str, tensor: Optional[Tensor], batch_size: int) -> None:
     if tensor is not None and (tensor.ndim == 0 or tensor.shape[0] != batch_size):
         shape = tuple(tensor.shape)
         raise ValueError(f"{name} has shape {shape}; expected a leading batch dimension of {batch_size}")
+
+
+# ------------------------------------------------------------------------------------------ settings
+class ConfigError(ValueError):
+    """A config (file, preset or override) that cannot be used; the message names the key and what is allowed."""
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require(condition: bool, key: str, value: Any, requirement: str) -> None:
+    """Raise :class:`ConfigError` ``"KEY=VALUE is invalid: REQUIREMENT"`` unless ``condition``."""
+    if not condition:
+        raise ConfigError(f"{key}={value!r} is invalid: {requirement}")
+
+
+def require_int(key: str, value: Any, minimum: int) -> None:
+    require(is_int(value) and value >= minimum, key, value, f"must be an integer >= {minimum}")
+
+
+def require_choice(key: str, value: Any, allowed: tuple) -> None:
+    require(value in allowed, key, value, f"allowed values: {', '.join(map(repr, allowed))}")
+
+
+def require_numbers(key: str, value: Any, count: int) -> None:
+    require(isinstance(value, (list, tuple)) and len(value) == count and all(map(is_number, value)),
+            key, value, f"must be a list of {count} numbers")

@@ -2,7 +2,13 @@
 
 from .evolution import EvolutionSettings
 from .gridsearch import EvaluationSet, evolve_time_grid, search_kumaraswamy
-from ..sampling.registry import FLOW_MATCHING_SAMPLER_NAMES, SAMPLER_NAMES, available_sampler_names, get_sampler
+from ..sampling.registry import (
+    FLOW_MATCHING_SAMPLER_NAMES,
+    SAMPLER_NAMES,
+    SOLVER_NAMES,
+    available_sampler_names,
+    get_sampler,
+)
 from .sweeps import nfe_sweep
 from .trajectories import (
     TrajectoryGeometry,
@@ -19,6 +25,7 @@ from .trajectories import (
 __all__ = [
     "FLOW_MATCHING_SAMPLER_NAMES",
     "SAMPLER_NAMES",
+    "SOLVER_NAMES",
     "EvaluationSet",
     "EvolutionSettings",
     "TrajectoryGeometry",

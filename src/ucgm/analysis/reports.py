@@ -30,8 +30,8 @@ from torch import Tensor
 from ..sampling.registry import BudgetedSampler, SAMPLER_NAMES, get_sampler
 from ..atomic import atomic_path
 from ..sampling.seeded import UCGM_SAMPLING_SETTINGS, initial_noise, sample_labels
-from ..training.seeding import SAMPLE_STREAM, derive_seed, seeded_generator
-from ..cli.yaml_io import parse_yaml
+from ..seeding import SAMPLE_STREAM, derive_seed, seeded_generator
+from ..yaml_io import parse_yaml
 
 #: Samplers whose settings start from the run's ``sampling`` section.
 UCGM_FAMILY = ("ucgm", "ucgm-o2")
@@ -55,9 +55,14 @@ def run_ucgm_settings(config: dict) -> dict:
     return {key: tuple(value) if isinstance(value, list) else value for key, value in settings.items()}
 
 
-def effective_settings(spec: SamplerSpec, run_settings: dict) -> dict:
-    """The spec's settings over the run's UCGM-S settings (``ucgm`` family) or alone (other samplers)."""
-    return {**(run_settings if spec.name in UCGM_FAMILY else {}), **spec.settings}
+def effective_settings(spec: SamplerSpec, run_settings: dict, method_sampler: tuple[str, dict] = ("ucgm", {})
+                       ) -> dict:
+    """The spec's settings over the run's UCGM-S settings (``ucgm`` family) and over the method's own sampler
+    settings (when the spec names the method's sampler, ``method_sampler = (name, settings)``)."""
+    base = dict(method_sampler[1]) if spec.name == method_sampler[0] else {}
+    if spec.name in UCGM_FAMILY:
+        base.update(run_settings)
+    return {**base, **spec.settings}
 
 
 def jsonable_settings(settings: dict) -> dict:

@@ -13,7 +13,7 @@ preset), seed 0, the same number of steps for every method of a dataset:
 * digits (class-conditional 8x8 digits, UNet with 16 base channels, batch 64): ``ct`` and ``scm`` from scratch and
   the flow-matching reference.
 
-Sampling: the EMA weights through :func:`~ucgm.cli.components.sampling_network`, each method's own sampler at
+Sampling: the EMA weights through the method's sampling model (:func:`~ucgm.training.loading.load_checkpoint_model`), each method's own sampler at
 NFE 1, 2, 4, 8, 16 from the same seeded noise (:func:`ucgm.analysis.reports.draw_samples`): CM's multistep sampler
 (:func:`~ucgm.sampling.consistency_sampler.consistency_sample`, Karras times) for cd/ct/ict/ect/tcm; the multistep
 CM sampler with NFE jumps along equal segments (:func:`~ucgm.sampling.consistency_sampler.
@@ -53,7 +53,7 @@ from ..sampling.consistency_sampler import consistency_sample, multistep_consist
 from ..sampling.registry import BudgetedSampler, get_sampler
 from ..sampling.result import SampleResult
 from ..sampling.scm_sampler import scm_sample
-from ..cli.components import accepted_keys, sampling_network
+from ..cli.components import accepted_keys
 from ..cli.config import read_yaml_mapping, resolve_config
 from ..cli.train import CONFIG_FILE, run_training
 from ..cli.sample import load_checkpoint_model
@@ -197,7 +197,7 @@ def train_methods(preset: str, base: tuple[str, ...], methods: tuple[Method, ...
 def quality_curve(run_dir: Path, sampler: str, metric: Callable[[Tensor], float], num: int) -> dict[int, float]:
     """The metric of ``num`` samples of the run's EMA weights at every NFE of :data:`NFES`."""
     loaded = load_checkpoint_model(run_dir)
-    network, transport = sampling_network(loaded.model, loaded.transport, loaded.config)
+    network, transport = loaded.model, loaded.transport
     budgeted = SAMPLERS[sampler](loaded.config)
     values = {}
     for nfe in NFES:

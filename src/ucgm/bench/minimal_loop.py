@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 
 from ..methods.base import Objective
-from ..training.reference import ReferenceNetwork
 
 
 def minimal_training_loop(model: nn.Module, objective: Objective,
@@ -17,17 +16,22 @@ def minimal_training_loop(model: nn.Module, objective: Objective,
     """``steps`` AdamW steps of ``objective`` on ``batches`` (used in turn); returns the per-step losses.
 
     No EMA, clipping, warm-up, seeding or logging: the objective draws from the global RNG. The objective's
-    progress and the reference network it asks for are kept as in the trainer.
+    progress and the reference network it asks for are kept as in the trainer (an EMA reference follows the model
+    with ``objective.tracking_decay``).
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     mode = objective.reference_mode
-    reference = ReferenceNetwork(mode, copy.deepcopy(model) if mode in ("ema", "frozen") else model, model)
+    reference = copy.deepcopy(model).requires_grad_(False) if mode in ("ema", "frozen") else None
     losses = []
     for step in range(steps):
         data, labels = batches[step % len(batches)]
         objective.set_progress(step, steps)
-        reference.before_step(objective.reference_decay)
-        loss = objective(model, data, labels, reference_model=reference.module).loss
+        if mode == "ema":
+            with torch.no_grad():
+                torch._foreach_lerp_(list(reference.parameters()), list(model.parameters()),
+                                     1.0 - objective.tracking_decay("reference", step))
+        reference_model = model if mode == "online" else reference
+        loss = objective(model, data, labels, reference_model=reference_model).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -45,7 +45,7 @@ from ..data.mixtures import make_mixture
 from ..analysis.reports import draw_samples, jsonable_settings, run_ucgm_settings
 from ..metrics.suites import REFERENCE_SEED, SlicedW2Against
 from ..sampling.registry import available_sampler_names, get_sampler
-from ..cli.components import accepted_keys, sampling_network
+from ..cli.components import accepted_keys
 from ..cli.config import resolve_config
 from ..sampling.seeded import initial_noise
 from ..cli.train import run_training
@@ -133,7 +133,7 @@ class _Model:
 
     def __init__(self, run_dir: Path):
         loaded = load_checkpoint_model(run_dir)
-        self.network, self.transport = sampling_network(loaded.model, loaded.transport, loaded.config)
+        self.network, self.transport = loaded.model, loaded.transport
         self.shape = loaded.info.data_shape
         self.num_classes = loaded.info.num_classes or 0
         self.run_settings = run_ucgm_settings(loaded.config)

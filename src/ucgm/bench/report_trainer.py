@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import register_section
-from ..cli.components import accepted_keys, build_objective, build_transport
+from ..cli.components import accepted_keys, build_method
 from ..cli.config import resolve_config
 from .minimal_loop import minimal_training_loop
 from .throughput import like_for_like, make_trainer, single_thread, trainer_block, training_setup
@@ -60,7 +60,7 @@ def measure_preset(preset: str, sizes: BlockSizes) -> dict:
     config = like_for_like(setup.config)
     lr = config["optimizer"]["lr"]
     minimal_model = copy.deepcopy(setup.model)
-    minimal_objective = build_objective(config, build_transport(config))
+    minimal_objective = build_method(config)
     steps = sizes.block_steps
 
     def minimal_block() -> float:

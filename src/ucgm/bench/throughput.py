@@ -19,11 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from ..training.batches import CycledBatches
-from ..cli.components import build_dataset, build_model, build_objective, build_transport, with_data_defaults
+from ..cli.components import build_dataset, build_method, build_model, build_run_networks, with_data_defaults
 from ..cli.config import apply_overrides, validate_config
 from ..training.loop import Trainer
-from ..training.schema import typed_section
-from ..training.seeding import DATA_STREAM, INIT_STREAM, derive_seed, seed_global_rngs
+from ..cli.schema import typed_section
+from ..seeding import DATA_STREAM, INIT_STREAM, derive_seed, seed_global_rngs
 
 #: Overrides that reduce the trainer to what a minimal loop does (``training.device`` pinned to the CPU), with
 #: ``torch.optim.AdamW``'s default hyper-parameters (those of the minimal loop's optimizer; only the lr is kept).
@@ -80,9 +80,9 @@ def make_trainer(config: dict, model: nn.Module, batches: Optional[list[Batch]] 
     """A trainer of ``config`` on a copy of ``model``: fed the ready-made ``batches`` in turn, or, without them,
     drawing every step's batch from the config's dataset as a run does."""
     source = CycledBatches(batches) if batches is not None else build_dataset(config)
-    objective = build_objective(config, build_transport(config))
-    return Trainer(copy.deepcopy(model), objective, source, typed_section(config, "training"),
-                   typed_section(config, "optimizer"))
+    method = build_method(config)
+    networks = build_run_networks(config, method, copy.deepcopy(model), bool(config["init"]["checkpoint"]))
+    return Trainer(method, networks, source, typed_section(config, "training"))
 
 
 def trainer_block(trainer: Trainer, steps: int) -> Callable[[], None]:

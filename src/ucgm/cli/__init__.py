@@ -102,7 +102,7 @@ def _tune(argv: Sequence[str]) -> int:
 
 def _sample_overrides(args: argparse.Namespace) -> list[str]:
     """``key=value`` (a bare sampling key such as ``nfe=4`` means ``sampling.nfe``) then the flags."""
-    from ..training.schema import section_keys
+    from .schema import section_keys
 
     sampling_fields = {key.split(".", 1)[1] for key in section_keys("sampling")}
     overrides = [f"sampling.{text}" if text.partition("=")[0] in sampling_fields else text for text in args.overrides]
@@ -175,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"ucgm: error: unknown command {command!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     from ..training.checkpoint import CheckpointError
-    from ..training.schema import ConfigError
+    from ..validation import ConfigError
 
     # Bad input gets a message, not a traceback (sampling raises ValueError for bad labels, shapes, extensions).
     expected = (ConfigError, CheckpointError, ValueError) if command == "sample" else (ConfigError, CheckpointError)

@@ -1,8 +1,9 @@
-"""From config sections to the objects a run needs: dataset, transport, model and objective.
+"""From a run config to the objects a run needs: dataset, transport, method and the method's networks.
 
 The builders belong to their packages (:func:`ucgm.data.build_dataset`, :func:`ucgm.models.build_model`,
-:func:`ucgm.methods.build_objective`); this module fills in what the model needs to know about the data and
-turns builder errors into :class:`~ucgm.training.schema.ConfigError` naming the section.
+:func:`ucgm.methods.build_method`, :func:`ucgm.training.networks.build_networks`); this module fills in what the
+model needs to know about the data, resolves the networks a method declares (fresh backbones, checkpoints) and
+turns builder errors into :class:`~ucgm.validation.ConfigError` naming the section.
 """
 
 from __future__ import annotations
@@ -14,15 +15,23 @@ from typing import Callable, Optional, TypeVar
 
 from torch import nn
 
-from ..transports import Transport, make_transport
-from ..training.schema import ConfigError, typed_section
+from ..methods import Method, NetworkSpec, method_class, method_options
+from ..training.loading import load_checkpoint_model, method_from_config, transport_from_settings
+from ..training.networks import NetworkSetup, build_networks, role_model_config
+from ..transports import Transport
+from ..validation import ConfigError
+from .schema import typed_section
 
 T = TypeVar("T")
 
 
-def _in_section(section: str, build: Callable[[], T]) -> T:
+def in_section(section: str, build: Callable[[], T]) -> T:
+    """``build()``, with its ``ValueError`` / ``TypeError`` / ``KeyError`` turned into a :class:`ConfigError`
+    naming the config section."""
     try:
         return build()
+    except ConfigError:
+        raise
     except (ValueError, TypeError, KeyError) as error:
         raise ConfigError(f"{section}: {error}") from error
 
@@ -38,13 +47,6 @@ def _model_class(name: str) -> Optional[Callable]:
     return MODEL_CLASSES["dit"] if key.startswith(("dit-", "sit-")) else MODEL_CLASSES.get(key)
 
 
-def _objective_classes() -> dict:
-    """Every selectable objective (the consistency family registers itself when its registry is imported)."""
-    from ..methods import OBJECTIVES
-
-    return OBJECTIVES
-
-
 def accepted_keys(section: str, name: str) -> Optional[list[str]]:
     """The options component ``name`` of open section ``section`` accepts (for override checking)."""
     if section == "data":
@@ -55,8 +57,11 @@ def accepted_keys(section: str, name: str) -> Optional[list[str]]:
         model_class = _model_class(name)
         return _constructor_keys(model_class) if model_class is not None else None
     if section == "objective":
-        objectives = _objective_classes()
-        return _constructor_keys(objectives[name], ("transport",)) if name in objectives else None
+        try:
+            method_class(name)
+        except ValueError:
+            return None
+        return method_options(name)
     return None
 
 
@@ -64,7 +69,7 @@ def build_dataset(config: dict):
     """The run's dataset (``data`` section)."""
     from ..data import build_dataset as build
 
-    return _in_section("data", lambda: build(copy.deepcopy(config["data"])))
+    return in_section("data", lambda: build(copy.deepcopy(config["data"])))
 
 
 def data_defaults(model_name: str, shape: tuple, num_classes: int) -> dict:
@@ -93,30 +98,43 @@ def with_data_defaults(config: dict, shape: tuple, num_classes: int) -> dict:
 def build_transport(config: dict) -> Transport:
     """The run's transport (``transport`` section)."""
     settings = typed_section(config, "transport")
-    kwargs = {"parameterisation": settings.parameterisation, "sigma_data": settings.sigma_data}
-    if settings.half_pi is not None:
-        kwargs["half_pi"] = settings.half_pi
-    return _in_section("transport", lambda: make_transport(settings.name, **kwargs))
+    return in_section("transport", lambda: transport_from_settings(vars(settings)))
 
 
-def build_model(config: dict) -> nn.Module:
-    """The run's network (``model`` section, data-derived options filled in)."""
+def build_method(config: dict) -> Method:
+    """The run's method (``objective`` section) on the run's transport."""
+    build_transport(config)
+    return in_section("objective", lambda: method_from_config(config))
+
+
+def build_model(config: dict, spec: Optional[NetworkSpec] = None) -> nn.Module:
+    """A backbone of the run (``model`` section, data-derived options filled in), with the options and
+    conditions of network ``spec``."""
     from ..models import build_model as build
 
-    return _in_section("model", lambda: build(copy.deepcopy(config["model"])))
+    return in_section("model", lambda: build(role_model_config(config["model"], spec or NetworkSpec())))
 
 
-def build_objective(config: dict, transport: Transport):
-    """The run's objective (``objective`` section) on ``transport``."""
-    from ..methods import build_objective as build
+def _checkpoint_network(role: str, spec: NetworkSpec, path: str) -> nn.Module:
+    """A network read from a checkpoint: a frozen one as the checkpoint's method samples it (with its
+    ``transport``), a trainable one as the checkpoint's raw backbone."""
+    loaded = load_checkpoint_model(path)
+    if spec.trainable:
+        return loaded.networks[loaded.method.sampling_role].requires_grad_(True).train()
+    model = loaded.model
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"network {role!r}: {path!r} does not give a module to train with")
+    model.transport = loaded.transport
+    return model
 
-    _objective_classes()
-    return _in_section("objective", lambda: build(copy.deepcopy(config["objective"]), transport))
 
-
-def sampling_network(model: nn.Module, transport: Transport, config: dict) -> tuple[nn.Module, Transport]:
-    """``(network, transport)`` to sample a backbone trained with ``config``: objectives that train a
-    re-parameterised network (e.g. consistency models) wrap the backbone; others use it as it is."""
-    from ..methods.consistency.base import sampling_model_from_config
-
-    return sampling_model_from_config(model, transport, config.get("objective") or {})
+def build_run_networks(config: dict, method: Method, primary: nn.Module, pretrained: bool
+                       ) -> dict[str, NetworkSetup]:
+    """Every network of ``method`` for the run: ``primary`` (the sampling network, already initialised),
+    fresh backbones, copies, oracles and checkpoint networks, with the run's optimizer and EMA settings and the
+    ``networks`` section's per-role overrides."""
+    return in_section("networks", lambda: build_networks(
+        method, primary, typed_section(config, "optimizer"), typed_section(config, "training").ema,
+        primary_pretrained=pretrained, build_backbone=lambda role, spec: build_model(config, spec),
+        load_checkpoint=_checkpoint_network,
+        overrides=config.get("networks") or {}))

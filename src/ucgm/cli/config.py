@@ -1,7 +1,7 @@
 """Run configs: presets and YAML files, merging, ``key=value`` overrides and validation.
 
 A resolved config is a plain nested dict (what ``DIR/config.yaml`` and checkpoint metadata hold); the typed
-views of its closed sections come from :func:`ucgm.training.schema.typed_section`.
+views of its closed sections come from :func:`ucgm.cli.schema.typed_section`.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from ..atomic import atomic_write_text
-from ..training.schema import (
+from ..validation import ConfigError
+from .schema import (
     CLOSED_SECTIONS,
     NAMED_SECTIONS,
     SECTIONS,
-    ConfigError,
     default_config,
     section_keys,
     typed_section,
 )
-from .yaml_io import dump_yaml, parse_yaml
+from ..yaml_io import dump_yaml, parse_yaml
 
 PRESET_DIRECTORY = Path(__file__).resolve().parent.parent / "configs"
 #: The section of a preset holding per-objective defaults, ``objectives: {NAME: {SECTION: {...}}}``.

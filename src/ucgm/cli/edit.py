@@ -134,7 +134,6 @@ def _subspace(args: argparse.Namespace, shape: Sequence[int], batch: Tensor):
 def run_edit(args: argparse.Namespace) -> Tensor:
     """Load, edit and write; returns the edited batch in model space."""
     from ..data.base import AffineNormalisation
-    from ..methods.consistency.base import sampling_model_from_config
     from ..sampling.editing import edit
     from .artifacts import check_output_path, write_arrays, write_png
     from ..training.distributed import resolve_device
@@ -142,12 +141,12 @@ def run_edit(args: argparse.Namespace) -> Tensor:
 
     check_output_path(args.out)
     loaded = load_checkpoint_model(args.checkpoint, args.weights, resolve_device(args.device))
-    model, transport = sampling_model_from_config(loaded.model, loaded.transport, loaded.config.get("objective") or {})
+    model, transport = loaded.model, loaded.transport
     info = loaded.info
     if info.data_shape is None:
         raise ValueError(f"{str(info.path)!r} does not record the data shape")
     normalisation = AffineNormalisation.from_dict(info.normalisation) if info.normalisation else None
-    device = next(loaded.model.parameters()).device
+    device = next(loaded.networks[loaded.method.sampling_role].parameters()).device
     raw = _as_batch(read_tensor(args.input), info.data_shape)
     observation = (normalisation.normalise(raw) if normalisation is not None else raw).to(device)
     subspace = _subspace(args, info.data_shape, observation)

@@ -6,7 +6,7 @@ Writes ``DIR/metrics.json`` (a list of records ``{dataset, model, sampler, nfe, 
 ``DIR/metrics.md`` (one table per metric, rows sampler, columns NFE) and ``DIR/nfe_quality.png``, each atomically.
 Baseline records (``nfe = 0``) hold the reference values, e.g. the sample-noise floor of exact mixture samples.
 
-Samplers: ``--sampler NAME[:KEY=VALUE[:KEY=VALUE ...]],...`` (default ``ucgm,euler``), e.g.
+Samplers: ``--sampler NAME[:KEY=VALUE[:KEY=VALUE ...]],...`` (default: the run's own method sampler, e.g. ``cm-multistep`` for a consistency model), e.g.
 ``--sampler ucgm,euler,heun,ucgm:extrapolation=0.3:time_warp=[1.2,1,1]``. The ``ucgm`` family starts from the
 run's own ``sampling`` settings (stochasticity, extrapolation, time_warp, gaps: a tuned few-step run samples as it
 was tuned to), which the spec's settings override; the records hold the effective settings.
@@ -47,15 +47,13 @@ from ..metrics.suites import FeatureDistance, MetricSuite, build_metric_suite
 from ..sampling.registry import get_sampler
 from ..atomic import atomic_write_text
 from ..training.checkpoint import CheckpointError
-from .components import sampling_network
 from ..training.distributed import resolve_device
 from .sample import LoadedCheckpoint, load_checkpoint_model
-from ..training.schema import ConfigError
-from .yaml_io import parse_yaml
+from ..validation import ConfigError
+from ..yaml_io import parse_yaml
 from ..validation import check_positive_int
 
 DEFAULT_NFES = "1,2,4,8,16,32,64"
-DEFAULT_SAMPLERS = "ucgm,euler"
 
 
 def default_model_name(checkpoint: Path | str) -> str:
@@ -79,11 +77,13 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, specs: Sequence[SamplerSpec], 
     info = loaded.info
     if info.data_shape is None:
         raise CheckpointError(f"{str(info.path)!r} does not record the data shape; cannot draw noise")
-    network, transport = sampling_network(loaded.model, loaded.transport, loaded.config)
+    network, transport = loaded.model, loaded.transport
     device = torch.device(device)
     num_classes = info.num_classes or 0
     run_settings = run_ucgm_settings(loaded.config)
-    settings = {spec.label: effective_settings(spec, run_settings) for spec in specs}
+    method_sampler = loaded.method.sampler()
+    specs = specs or [SamplerSpec(method_sampler[0], method_sampler[0], {})]
+    settings = {spec.label: effective_settings(spec, run_settings, method_sampler) for spec in specs}
     samplers = {spec.label: get_sampler(spec.name, settings[spec.label]) for spec in specs}
     _preflight(network, transport, list(samplers.values()), nfes, info.data_shape, num_classes, device)
     common = {"dataset": suite.dataset, "model": model_name}
@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", help="run directory, checkpoint directory or model.safetensors")
     parser.add_argument("--out", required=True, type=Path, help="output directory (metrics.json, metrics.md, png)")
     parser.add_argument("--nfe", default=DEFAULT_NFES, help=f"comma-separated NFE budgets (default {DEFAULT_NFES})")
-    parser.add_argument("--sampler", default=DEFAULT_SAMPLERS, help=f"samplers: {SPEC_SYNTAX} (default "
-                                                                    f"{DEFAULT_SAMPLERS})")
+    parser.add_argument("--sampler", default=None, help=f"samplers: {SPEC_SYNTAX} (default: the run's own "
+                                                       f"method sampler)")
     parser.add_argument("--num", type=int, default=5000, help="samples per sampler and NFE (default 5000)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed; sample i starts from generator (seed, i)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="weights to sample (default ema)")
@@ -175,7 +175,7 @@ def run_evaluate(args: argparse.Namespace, command: str) -> list[dict]:
     """Validate the arguments, evaluate, write the three outputs; returns the records."""
     started = time.perf_counter()
     nfes = parse_nfe_list(args.nfe)
-    specs = parse_sampler_specs(args.sampler)
+    specs = parse_sampler_specs(args.sampler) if args.sampler else []
     check_positive_int("--num", args.num, minimum=2)
     check_positive_int("--batch-size", args.batch_size)
     check_positive_int("--num-reference", args.num_reference, minimum=2)

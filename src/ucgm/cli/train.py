@@ -23,10 +23,9 @@ from ..training.checkpoint import (
 )
 from .components import (
     build_dataset,
+    build_method,
     build_model,
-    build_objective,
-    build_transport,
-    sampling_network,
+    build_run_networks,
     with_data_defaults,
 )
 from .config import config_differences, read_yaml_mapping, save_config
@@ -34,8 +33,10 @@ from ..training.distributed import DistributedContext, distributed_session
 from ..sampling.seeded import generate_samples
 from ..training.loop import Hook, Trainer
 from .run_log import RunLog, truncate_stats
-from ..training.schema import ConfigError, typed_section
-from ..training.seeding import INIT_STREAM, derive_seed, seed_global_rngs
+from ..validation import ConfigError
+from .schema import typed_section
+from ..models.conditions import CONDITIONS_PREFIX
+from ..seeding import INIT_STREAM, derive_seed, seed_global_rngs
 
 CONFIG_FILE = "config.yaml"
 #: Settings that may change between a run and its resumption (duration, cadence, placement, sampling).
@@ -55,10 +56,11 @@ def check_resumable(saved: dict, config: dict, run_dir: Path) -> None:
 
 def load_initial_weights(model: nn.Module, init: dict) -> int:
     """Load ``init.weights`` (``ema`` or ``model``) of checkpoint ``init.checkpoint`` into ``model``; returns
-    the source step."""
+    the source step. The model may have condition layers the source lacks (they start at zero)."""
     info = read_checkpoint_info(init["checkpoint"])
     group = init["weights"] if init["weights"] in info.groups else "model"
     missing, unexpected = model.load_state_dict(read_weights(info.path, group), strict=False)
+    missing = [name for name in missing if not name.startswith(CONDITIONS_PREFIX)]
     if missing or unexpected:
         raise ConfigError(f"init.checkpoint {init['checkpoint']!r} does not fit the model (missing: "
                           f"{missing[:5]}, unexpected: {unexpected[:5]}); the model section must match the source")
@@ -83,12 +85,13 @@ class RunHooks:
         return hooks
 
     def record(self, trainer: Trainer) -> None:
-        loss = trainer.pop_mean_loss()
+        losses = trainer.pop_mean_losses()
         now = time.perf_counter()
         seconds = (now - self._clock) / max(1, trainer.step - self._clock_step)
         self._clock, self._clock_step = now, trainer.step
-        values = {"step": trainer.step, "loss": loss, "lr": trainer.lr, "sec_per_step": seconds,
-                  "kimg": trainer.step * self.training.batch_size / 1000}
+        values = {"step": trainer.step, **losses, "lr": trainer.lr, "sec_per_step": seconds,
+                  "kimg": trainer.step * self.training.batch_size / 1000,
+                  "nonfinite_steps": trainer.nonfinite_steps}
         for key, value in trainer.last_stats.items():
             values.setdefault(key, float(value))
         self.log.record(values)
@@ -104,9 +107,9 @@ class RunHooks:
 
         settings = typed_section(self.config, "sampling")
         grid = dataclasses.replace(settings, num=min(settings.num, 64))
-        network, transport = sampling_network(trainer.sampling_module, build_transport(self.config), self.config)
+        network, transport = trainer.method.sampling_model(trainer.sampling_modules())
         samples = generate_samples(network, transport, grid, self.metadata["data_shape"],
-                                   self.metadata["num_classes"], trainer.context.device)
+                                   self.metadata["num_classes"], trainer.context.device, trainer.method.sampler())
         if trainer.context.is_main:
             write_png(samples.samples, samples.labels,
                       self.run_dir / "samples" / f"{step_directory_name(trainer.step)}.png")
@@ -118,17 +121,18 @@ def _build_trainer(config: dict, dataset, latest: Optional[Path], context: Distr
     messages to show."""
     training = typed_section(config, "training")
     seed_global_rngs(derive_seed(training.seed, INIT_STREAM), context.device)
-    transport = build_transport(config)
-    model = build_model(config)
-    objective = build_objective(config, transport)
+    method = build_method(config)
+    model = build_model(config, method.networks()[method.sampling_role])
     messages = []
     if training.precision == "bf16" and context.device.type != "cuda":
         messages.append(f"training.precision=bf16 applies on CUDA only; training in fp32 on {context.device}")
-    if latest is None and config["init"]["checkpoint"]:
+    pretrained = bool(config["init"]["checkpoint"])
+    if latest is None and pretrained:
         source_step = load_initial_weights(model, config["init"])
         messages.append(f"initialised from {config['init']['checkpoint']} ({config['init']['weights']} weights, "
                         f"step {source_step})")
-    trainer = Trainer(model, objective, dataset, training, typed_section(config, "optimizer"), context)
+    networks = build_run_networks(config, method, model, pretrained)
+    trainer = Trainer(method, networks, dataset, training, context)
     if latest is not None:
         trainer.load_checkpoint(latest)
         messages.append(f"resuming {latest.parent.parent} from {latest.name}")

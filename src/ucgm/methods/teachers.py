@@ -7,7 +7,6 @@ A teacher is resolved to a :class:`TeacherODE`, which steps the probability-flow
 
 from __future__ import annotations
 
-from pathlib import Path as FilePath
 from typing import Callable, Optional
 
 import torch
@@ -20,22 +19,12 @@ TEACHER_SOLVERS = ("euler", "heun")
 TEACHER_SPEC_PREFIXES = ("oracle:", "checkpoint:")
 
 
-def load_checkpoint_teacher(checkpoint: str | FilePath, weights: str = "ema") -> tuple[nn.Module, Transport]:
-    """``(model, transport)`` of a ucgm checkpoint, read as its objective trained it: the trainer's
-    :func:`~ucgm.cli.sample.load_checkpoint_model` (backbone + run transport), wrapped by
-    :func:`~.consistency_base.sampling_model_from_config` when a consistency objective trained it."""
-    from ..cli.sample import load_checkpoint_model
-    from .consistency.base import sampling_model_from_config
-
-    loaded = load_checkpoint_model(checkpoint, weights)
-    return sampling_model_from_config(loaded.model, loaded.transport, loaded.config.get("objective") or {})
-
-
 def resolve_teacher(teacher, teacher_transport: Optional[Transport | str], transport: Transport
                     ) -> tuple[Callable, Transport]:
-    """``(model, transport)`` of a teacher given as a model, ``"oracle:<mixture>"`` (the exact posterior of
-    :func:`~ucgm.data.mixtures.make_mixture` ``(<mixture>)``, e.g. ``oracle:8gaussians``) or
-    ``"checkpoint:<path>"``. A model is read through ``teacher_transport`` (default: the run's ``transport``)."""
+    """``(model, transport)`` of a teacher given as a model or ``"oracle:<mixture>"`` (the exact posterior of
+    :func:`~ucgm.data.mixtures.make_mixture` ``(<mixture>)``, e.g. ``oracle:8gaussians``). A model is read through
+    ``teacher_transport`` (default: its own ``transport`` attribute, else the run's ``transport``).
+    ``"checkpoint:<path>"`` teachers are networks the trainer loads (see :class:`Teacher`)."""
     if isinstance(teacher_transport, str):
         teacher_transport = make_transport(teacher_transport)
     if isinstance(teacher, str):
@@ -45,8 +34,9 @@ def resolve_teacher(teacher, teacher_transport: Optional[Transport | str], trans
             oracle = OracleModel(make_mixture(teacher[len("oracle:"):]), teacher_transport or transport)
             return oracle, oracle.transport
         if teacher.startswith("checkpoint:"):
-            model, loaded_transport = load_checkpoint_teacher(teacher[len("checkpoint:"):])
-            return model.requires_grad_(False), teacher_transport or loaded_transport
+            raise ValueError(f"teacher={teacher!r}: checkpoint teachers are loaded by the trainer (the method "
+                             f"declares them as its 'teacher' network); in Python, load the checkpoint with "
+                             f"ucgm.training.load_checkpoint_model and pass the model")
         raise ValueError(f"teacher={teacher!r} is not allowed; allowed: a model, or a string starting with "
                          f"{' or '.join(map(repr, TEACHER_SPEC_PREFIXES))}")
     if not callable(teacher):
@@ -55,6 +45,55 @@ def resolve_teacher(teacher, teacher_transport: Optional[Transport | str], trans
     if isinstance(teacher, nn.Module):
         teacher.requires_grad_(False)
     return teacher, teacher_transport or getattr(teacher, "transport", None) or transport
+
+
+class Teacher:
+    """The teacher of a distillation method: a model or ``"oracle:<mixture>"`` (resolved at once), or
+    ``"checkpoint:<path>"`` — a frozen network role ``teacher`` that the trainer loads (with the device and dtype of
+    the other networks) and hands to the method's loss, read as its own method trained it."""
+
+    ROLE = "teacher"
+
+    def __init__(self, teacher, teacher_transport: Optional[Transport | str], transport: Transport):
+        if teacher is None:
+            raise ValueError("a teacher is required: a model, 'oracle:<mixture>' (e.g. 'oracle:8gaussians') or "
+                             "'checkpoint:<path>'")
+        self.transport = transport
+        self.teacher_transport = make_transport(teacher_transport) if isinstance(teacher_transport, str) \
+            else teacher_transport
+        self.checkpoint = teacher if isinstance(teacher, str) and teacher.startswith("checkpoint:") else None
+        self.model: Optional[Callable] = None
+        self.model_transport: Optional[Transport] = None
+        if self.checkpoint is None:
+            self.model, self.model_transport = resolve_teacher(teacher, self.teacher_transport, transport)
+
+    def network_specs(self) -> dict:
+        """``{"teacher": NetworkSpec}`` for a checkpoint teacher, else ``{}``."""
+        if self.checkpoint is None:
+            return {}
+        from .base import NetworkSpec
+
+        return {self.ROLE: NetworkSpec(init=self.checkpoint, trainable=False, ema={"kind": "none"})}
+
+    def bind(self, networks) -> None:
+        """Take the trainer's loaded teacher network (a checkpoint teacher) from ``networks``."""
+        if self.checkpoint is not None and self.ROLE in networks:
+            module = networks.module(self.ROLE)
+            if module is not self.model:
+                self.model = module
+                self.model_transport = self.teacher_transport or module.transport
+
+    def resolved(self) -> tuple[Callable, Transport]:
+        """``(model, transport)``; a checkpoint teacher must have been bound by the trainer first."""
+        if self.model is None:
+            raise ValueError(f"teacher {self.checkpoint!r} is loaded by the trainer: train through "
+                             f"ucgm.training (or pass a loaded model as the teacher)")
+        return self.model, self.model_transport
+
+    def ode(self, path: Path) -> "TeacherODE":
+        """The teacher's probability-flow ODE on ``path``."""
+        model, transport = self.resolved()
+        return TeacherODE(model, transport, path)
 
 
 class TeacherODE:

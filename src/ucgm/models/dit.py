@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import re
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..validation import check_choice, check_positive_int
 from .attention import SelfAttention
+from .conditions import ConditionLayers
 from .embeddings import DEFAULT_TIME_SCALE, ConditionEmbedding
 
 
@@ -108,7 +109,9 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Diffusion transformer ``model(x, t, labels)`` for ``(B, in_channels, input_size, input_size)`` inputs.
+    """Diffusion transformer ``model(x, t, labels, **conditions)`` for ``(B, in_channels, input_size, input_size)``
+    inputs; scalar conditions are added to the time embedding, input conditions patch-embedded and added to the
+    tokens (:mod:`ucgm.models.conditions`).
 
     ``size`` picks a preset of :data:`DIT_SIZES`; ``depth``, ``hidden_size`` and ``num_heads`` override it
     (useful for tiny test models). ``num_classes = None`` gives an unconditional model.
@@ -126,6 +129,7 @@ class DiT(nn.Module):
         num_heads: Optional[int] = None,
         mlp_ratio: float = 4.0,
         time_scale: float = DEFAULT_TIME_SCALE,
+        conditions: Sequence[str] = (),
     ):
         super().__init__()
         size = size.upper() if isinstance(size, str) else size
@@ -161,6 +165,9 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final = FinalLayer(hidden_size, patch_size * patch_size * in_channels)
         self._initialise()
+        self.conditions = ConditionLayers(
+            conditions, hidden_size, time_scale, self.condition.time.frequency_dim,
+            lambda: nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, bias=False))
 
     @classmethod
     def from_name(cls, name: str, **kwargs) -> "DiT":
@@ -195,12 +202,20 @@ class DiT(nn.Module):
         patches = patches.reshape(batch, grid, grid, p, p, channels)
         return patches.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, grid * p, grid * p)
 
-    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None, **conditions: Optional[Tensor]
+                ) -> Tensor:
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"DiT expects inputs of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        self.conditions.check(conditions, "DiT")
         condition = self.condition(t, labels, x.shape[0])
+        extra = self.conditions.embedding(conditions, x.shape[0], condition.device)
+        if extra is not None:
+            condition = condition + extra
         tokens = self.patchify(x)
+        inputs = self.conditions.input_term(conditions, x.shape)
+        if inputs is not None:
+            tokens = tokens + inputs.flatten(2).transpose(1, 2)
         for block in self.blocks:
             tokens = block(tokens, condition)
         return self.unpatchify(self.final(tokens, condition))

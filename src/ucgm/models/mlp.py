@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
 from ..validation import check_positive_int
+from .conditions import ConditionLayers
 from .embeddings import DEFAULT_TIME_SCALE, ConditionEmbedding
 
 
@@ -28,11 +29,12 @@ class ConditionedResidualBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """Residual MLP ``model(x, t, labels)`` for data of ``data_dim`` features.
+    """Residual MLP ``model(x, t, labels, **conditions)`` for data of ``data_dim`` features.
 
     ``x`` may have any shape ``(B, *shape)`` with ``prod(shape) == data_dim``; it is flattened and the output is
     reshaped back. ``depth`` residual blocks of width ``hidden`` are modulated by the time (+ class) embedding.
-    The output layer is zero-initialised, so the model starts at 0.
+    The output layer is zero-initialised, so the model starts at 0. ``conditions`` lists the extra model
+    conditions it accepts (:mod:`ucgm.models.conditions`).
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class MLP(nn.Module):
         num_classes: Optional[int] = None,
         time_scale: float = DEFAULT_TIME_SCALE,
         dropout: float = 0.0,
+        conditions: Sequence[str] = (),
     ):
         super().__init__()
         for name, value in (("data_dim", data_dim), ("hidden", hidden), ("depth", depth)):
@@ -51,17 +54,27 @@ class MLP(nn.Module):
         self.num_classes = num_classes
         self.condition = ConditionEmbedding(hidden, num_classes, time_scale)
         self.input = nn.Linear(data_dim, hidden)
+        self.conditions = ConditionLayers(conditions, hidden, time_scale, self.condition.time.frequency_dim,
+                                          lambda: nn.Sequential(nn.Flatten(), nn.Linear(data_dim, hidden, bias=False)))
         self.blocks = nn.ModuleList(ConditionedResidualBlock(hidden, dropout) for _ in range(depth))
         self.output = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, data_dim))
         nn.init.zeros_(self.output[-1].weight)
         nn.init.zeros_(self.output[-1].bias)
 
-    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None, **conditions: Optional[Tensor]
+                ) -> Tensor:
         features = math.prod(x.shape[1:])
         if features != self.data_dim:
             raise ValueError(f"MLP expects {self.data_dim} features per sample, got shape {tuple(x.shape[1:])}")
+        self.conditions.check(conditions, "MLP")
         condition = self.condition(t, labels, x.shape[0])
+        extra = self.conditions.embedding(conditions, x.shape[0], condition.device)
+        if extra is not None:
+            condition = condition + extra
         hidden_state = self.input(x.reshape(x.shape[0], features))
+        inputs = self.conditions.input_term(conditions, x.shape)
+        if inputs is not None:
+            hidden_state = hidden_state + inputs
         for block in self.blocks:
             hidden_state = block(hidden_state, condition)
         return self.output(hidden_state).reshape(x.shape)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..validation import check_positive_int
 from .attention import SelfAttention
+from .conditions import ConditionLayers
 from .embeddings import DEFAULT_TIME_SCALE, ConditionEmbedding
 
 
@@ -107,7 +108,9 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """Image UNet ``model(x, t, labels)`` with time (+ class) embedding applied as scale-shift in every block.
+    """Image UNet ``model(x, t, labels, **conditions)`` with time (+ class, + scalar conditions) embedding applied
+    as scale-shift in every block; input conditions (:mod:`ucgm.models.conditions`) enter through their own
+    zero-initialised input convolutions.
 
     ``input_size`` is the image side the attention resolutions refer to; other sizes divisible by
     ``2^(len(channel_mults) - 1)`` also run. Output convolution and residual branches start at zero, so the
@@ -127,6 +130,7 @@ class UNet(nn.Module):
         num_classes: Optional[int] = None,
         time_scale: float = DEFAULT_TIME_SCALE,
         max_groups: int = 32,
+        conditions: Sequence[str] = (),
     ):
         super().__init__()
         for name, value in (
@@ -164,6 +168,8 @@ class UNet(nn.Module):
             return ConditionedStage(residual, attention)
 
         self.input = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.conditions = ConditionLayers(conditions, embedding_dim, time_scale, base_channels,
+                                          lambda: nn.Conv2d(in_channels, base_channels, 3, padding=1, bias=False))
         self.down = nn.ModuleList()
         skip_channels = [base_channels]
         channels = base_channels
@@ -192,15 +198,23 @@ class UNet(nn.Module):
             group_norm(channels, max_groups), nn.SiLU(), zero_init(nn.Conv2d(channels, in_channels, 3, padding=1))
         )
 
-    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None, **conditions: Optional[Tensor]
+                ) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet expects images (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         if x.shape[2] % self.downsampling or x.shape[3] % self.downsampling:
             raise ValueError(
                 f"image height and width must be divisible by {self.downsampling}, got {tuple(x.shape[2:])}"
             )
+        self.conditions.check(conditions, "UNet")
         embedding = self.condition(t, labels, x.shape[0])
+        extra = self.conditions.embedding(conditions, x.shape[0], embedding.device)
+        if extra is not None:
+            embedding = embedding + extra
         h = self.input(x)
+        inputs = self.conditions.input_term(conditions, x.shape)
+        if inputs is not None:
+            h = h + inputs
         skips = [h]
         for layer in self.down:
             h = layer(h, embedding) if isinstance(layer, ConditionedStage) else layer(h)

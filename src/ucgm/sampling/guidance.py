@@ -58,16 +58,19 @@ class ClassifierFreeGuidance(nn.Module):
         first = t.reshape(-1)[0]
         return bool((first >= self.interval[0]) & (first <= self.interval[1]))
 
-    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None, **conditions: Optional[Tensor]
+                ) -> Tensor:
         if labels is None:
             raise ValueError("ClassifierFreeGuidance needs class labels; got labels=None")
         check_batch("labels", labels, x.shape[0])
         if self.scale == 1 or not self.guidance_active(t):
-            return self.model(x, t, labels)
+            return self.model(x, t, labels, **conditions)
         null = torch.full_like(labels, self.null_label)
         if self.scale == 0:
-            return self.model(x, t, null)
-        both = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+            return self.model(x, t, null, **conditions)
+        doubled = {name: torch.cat([value, value]) if isinstance(value, Tensor) and value.ndim else value
+                   for name, value in conditions.items()}
+        both = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]), **doubled)
         conditional, unconditional = both.chunk(2)
         return torch.lerp(unconditional, conditional, self.scale)
 
@@ -87,9 +90,11 @@ class AutoGuidance(nn.Module):
                 f"guide_model has num_classes={guide_classes!r} but model has {self.num_classes!r}; they must match"
             )
 
-    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None, **conditions: Optional[Tensor]
+                ) -> Tensor:
         if self.scale == 1:
-            return self.model(x, t, labels)
+            return self.model(x, t, labels, **conditions)
         if self.scale == 0:
-            return self.guide_model(x, t, labels)
-        return torch.lerp(self.guide_model(x, t, labels), self.model(x, t, labels), self.scale)
+            return self.guide_model(x, t, labels, **conditions)
+        return torch.lerp(self.guide_model(x, t, labels, **conditions), self.model(x, t, labels, **conditions),
+                          self.scale)

@@ -15,6 +15,9 @@ uniform grid ``uniform_grid(N, t_max)`` (setting ``t_max``, default 1), EDM on i
 | ``heun``, ``edm`` | Heun, EDM stochastic (last interval Euler) | N = floor((n + 1) / 2) | 2N - 1 |
 | ``fm-euler`` | Meta ``flow_matching`` ``ODESolver``, Euler | N = n | n |
 | ``fm-midpoint`` | Meta ``flow_matching`` ``ODESolver``, midpoint | N = floor(n / 2) | 2N |
+| ``cm-multistep`` | CM's multistep sampler on Karras evaluation times | N = n | n |
+| ``mcm`` | multistep consistency sampling over n segments | N = n | n |
+| ``scm`` | sCM: jump to data, re-noise at the intermediate angles | N = n | n |
 
 The true NFE is the largest one the sampler can reach without exceeding the budget (so an even budget for a
 sampler of NFE 2N - 1 spends one call less); it is the ``nfe`` of the returned :class:`SampleResult`.
@@ -32,7 +35,9 @@ import torch
 from torch import Tensor
 
 from ..conventions import from_flow_matching_time, to_flow_matching_time, velocity_to_flow_matching
+from .consistency_sampler import consistency_sample, multistep_consistency_sample
 from .result import SampleResult
+from .scm_sampler import scm_sample
 from .solvers import dpm_solver_pp_2m_sample, edm_stochastic_sample, euler_sample, heun_sample
 from .ucgm_sampler import ucgm_sample
 from ..timegrids import uniform_grid
@@ -143,7 +148,32 @@ def _flow_matching_ode(method: str, model, transport, noise, labels, nfe, genera
     return SampleResult(sample, trajectory, calls)
 
 
-SAMPLER_NAMES = ("ucgm", "ucgm-o2", "euler", "heun", "dpm++2m", "edm")
+def _cm_multistep(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
+                  **settings) -> SampleResult:
+    _check_nfe("cm-multistep", nfe)
+    return consistency_sample(model, transport, noise, labels, steps=nfe, generator=generator,
+                              return_trajectory=return_trajectory, **settings)
+
+
+def _mcm(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
+         **settings) -> SampleResult:
+    _check_nfe("mcm", nfe)
+    return multistep_consistency_sample(model, transport, noise, labels, segments=nfe,
+                                        return_trajectory=return_trajectory, **settings)
+
+
+def _scm(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
+         **settings) -> SampleResult:
+    _check_nfe("scm", nfe)
+    return scm_sample(model, transport, noise, labels, steps=nfe, generator=generator,
+                      return_trajectory=return_trajectory, **settings)
+
+
+#: Samplers of any model of the probability-flow ODE / SDE.
+SOLVER_NAMES = ("ucgm", "ucgm-o2", "euler", "heun", "dpm++2m", "edm")
+#: Samplers of models trained by a particular method (each method names its own, :meth:`Method.sampler`).
+METHOD_SAMPLER_NAMES = ("cm-multistep", "mcm", "scm")
+SAMPLER_NAMES = SOLVER_NAMES + METHOD_SAMPLER_NAMES
 FLOW_MATCHING_SAMPLER_NAMES = ("fm-euler", "fm-midpoint")
 
 SAMPLERS: dict[str, Callable[..., SampleResult]] = {
@@ -155,11 +185,16 @@ SAMPLERS: dict[str, Callable[..., SampleResult]] = {
     "edm": _edm,
     "fm-euler": functools.partial(_flow_matching_ode, "euler"),
     "fm-midpoint": functools.partial(_flow_matching_ode, "midpoint"),
+    "cm-multistep": _cm_multistep,
+    "mcm": _mcm,
+    "scm": _scm,
 }
 
 ALLOWED_SETTINGS: dict[str, tuple[str, ...]] = {
     "ucgm": UCGM_SETTINGS, "ucgm-o2": UCGM_SETTINGS, "euler": ODE_SETTINGS, "heun": ODE_SETTINGS,
     "dpm++2m": ODE_SETTINGS, "edm": EDM_SETTINGS, "fm-euler": ODE_SETTINGS, "fm-midpoint": ODE_SETTINGS,
+    "cm-multistep": ("sigma_min", "sigma_max", "rho"), "mcm": ("sigma_min", "sigma_max", "sigma_data", "eta"),
+    "scm": ("intermediate_angles",),
 }
 
 

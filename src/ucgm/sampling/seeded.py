@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from .guidance import ClassifierFreeGuidance
 from .registry import get_sampler
 from ..transports import Transport
-from ..training.schema import SamplingConfig
-from ..training.seeding import SAMPLE_STREAM, derive_seed, seeded_generator
+from .settings import SamplingConfig
+from ..seeding import SAMPLE_STREAM, derive_seed, seeded_generator
 
 _FRESH_NOISE = 1
 
@@ -52,22 +52,27 @@ def sample_labels(num: int, num_classes: int, labels: Optional[Sequence[int]] = 
 
 #: The sampling-config settings each registered sampler takes (guidance is applied by wrapping the model).
 UCGM_SAMPLING_SETTINGS = ("stochasticity", "extrapolation", "time_warp", "gaps")
+UCGM_FAMILY = ("ucgm", "ucgm-o2")
 
 
-def _sampler_call(settings: SamplingConfig, model: Callable, transport: Transport, noise: Tensor,
-                  labels: Optional[Tensor], generator: torch.Generator):
-    """Run the registry sampler ``settings.sampler`` with a budget of ``settings.nfe`` network calls."""
-    options = {}
-    if settings.sampler in ("ucgm", "ucgm-o2"):
-        options = {key: getattr(settings, key) for key in UCGM_SAMPLING_SETTINGS}
+def resolve_sampler(settings: SamplingConfig, method_sampler: tuple[str, dict] = ("ucgm", {})) -> tuple[str, dict]:
+    """The registry sampler and its settings: ``settings.sampler``, or the method's own (``method_sampler``,
+    from :meth:`ucgm.methods.base.Method.sampler`) when it is ``None``; the method's settings apply whenever its
+    sampler is chosen, and UCGM-S also takes the section's stochasticity, extrapolation, warp and gaps."""
+    method_name, method_options = method_sampler
+    name = settings.sampler or method_name
+    options = dict(method_options) if name == method_name else {}
+    if name in UCGM_FAMILY:
+        options.update({key: getattr(settings, key) for key in UCGM_SAMPLING_SETTINGS})
         options.update(time_warp=tuple(settings.time_warp), gaps=tuple(settings.gaps))
-    return get_sampler(settings.sampler, options)(model, transport, noise, labels, settings.nfe, generator)
+    return name, options
 
 
 @torch.no_grad()
 def generate_samples(model: nn.Module, transport: Transport, settings: SamplingConfig, shape: Sequence[int],
-                     num_classes: int, device: torch.device) -> Samples:
-    """Draw ``settings.num`` samples in batches of ``settings.batch_size``.
+                     num_classes: int, device: torch.device, method_sampler: tuple[str, dict] = ("ucgm", {})
+                     ) -> Samples:
+    """Draw ``settings.num`` samples in batches of ``settings.batch_size`` with :func:`resolve_sampler`'s sampler.
 
     Classifier-free guidance wraps the model when ``settings.cfg_scale`` is set and the model is conditional.
     """
@@ -76,13 +81,14 @@ def generate_samples(model: nn.Module, transport: Transport, settings: SamplingC
     network: Callable = model
     if settings.cfg_scale is not None and num_classes:
         network = ClassifierFreeGuidance(model, settings.cfg_scale, settings.cfg_interval)
+    sampler = get_sampler(*resolve_sampler(settings, method_sampler))
     outputs, nfe = [], 0
     for start in range(indices.start, indices.stop, settings.batch_size):
         batch = range(start, min(start + settings.batch_size, indices.stop))
         noise = initial_noise(settings.seed, batch, shape, device)
         labels = None if all_labels is None else all_labels[batch.start:batch.stop].to(device)
         generator = seeded_generator(derive_seed(settings.seed, _FRESH_NOISE), SAMPLE_STREAM, start)
-        result = _sampler_call(settings, network, transport, noise, labels, generator)
+        result = sampler(network, transport, noise, labels, settings.nfe, generator)
         outputs.append(result.sample.float().cpu())
         nfe = result.nfe
     return Samples(torch.cat(outputs), all_labels, nfe)

@@ -1,20 +1,21 @@
-"""The training system behind ``ucgm train`` / ``tune`` / ``sample``.
+"""The trainer that knows no method: networks by role, update schedules, checkpoints, EMA, distribution.
 
 | module | responsibility |
 |---|---|
-| ``schema`` | typed config sections (dataclasses) and their validation, :class:`~.schema.ConfigError` |
-| ``config`` | presets, YAML files, merging, ``key=value`` overrides, resolving a run config |
-| ``components`` | dataset / transport / model / objective from config sections |
-| ``loop`` | :class:`~.loop.Trainer`, the method-agnostic trainer |
-| ``batches`` | deterministic per-step, per-shard batches and generators |
-| ``seeding`` | seeds derived from ``(seed, step, shard, ...)`` |
-| ``optim`` | AdamW / RAdam, warm-up, NaN-free clipped gradients |
-| ``ema`` / ``reference`` | evaluation EMA (constant, EDM2 power) / the objective's reference network |
+| ``loop`` | :class:`~.loop.Trainer`: any :class:`~ucgm.methods.base.Method`, phase by phase |
+| ``networks`` | the networks a method declares, built (scratch, copies, oracles, checkpoints) and kept per role |
+| ``settings`` | typed ``optimizer`` / ``training`` settings and their validation |
+| ``batches`` | deterministic per-update, per-shard batches, generators and sample indices |
+| ``optim`` | AdamW / RAdam, warm-up, gradient norms |
+| ``ema`` | evaluation EMA (constant, EDM2 power) |
 | ``distributed`` | torchrun jobs: DDP (gloo / NCCL), FSDP, fail-fast teardown |
 | ``checkpoint`` | atomic checkpoint directories, safe loading |
-| ``run`` / ``run_log`` | a run directory: resume-or-start, hooks, ``stats.jsonl``, progress bar, TensorBoard |
-| ``tune`` | ``ucgm tune``: the few-step tuning recipe over a source checkpoint |
-| ``generate`` / ``sampling_run`` / ``artifacts`` | seeded sampling, ``ucgm sample``, PNG / npz / safetensors writers |
-| ``minimal`` | the hand-written reference loop for throughput comparisons |
-| ``atomic`` / ``yaml_io`` | temp-file-and-rename writes / YAML with ``1e-4`` floats |
+| ``loading`` | a checkpoint's method and sampling model, rebuilt from its metadata alone |
 """
+
+from .loading import LoadedCheckpoint, load_checkpoint_model
+from .loop import Hook, Trainer, TrainingDiverged
+from .networks import NetworkSetup, build_networks
+
+__all__ = ["Hook", "LoadedCheckpoint", "NetworkSetup", "Trainer", "TrainingDiverged", "build_networks",
+           "load_checkpoint_model"]

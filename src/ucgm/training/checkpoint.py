@@ -1,9 +1,11 @@
 """Checkpoint directories: ``RUN/checkpoints/step_XXXXXXX/{model.safetensors, state.pt}`` plus a ``latest`` pointer.
 
-* ``model.safetensors`` holds weight groups (``model.*``, ``ema.*``) and, as metadata, the resolved config,
-  the data normalisation and shape, so that the file alone is enough to sample.
-* ``state.pt`` holds what resuming needs beyond the weights (optimizer, step, RNG states, reference network);
-  it only contains tensors and plain containers and is read with ``torch.load(weights_only=True)``.
+* ``model.safetensors`` holds weight groups — ``model.*`` / ``ema.*`` for the method's sampling network,
+  ``ROLE.*`` / ``ROLE-ema.*`` for its other networks (:func:`weight_group_names`) — and, as metadata, the resolved
+  config, the data normalisation and shape, so that the file alone is enough to sample.
+* ``state.pt`` holds what resuming needs beyond the weights (every optimizer and update count, the method's own
+  state, step, RNG states); it only contains tensors and plain containers and is read with
+  ``torch.load(weights_only=True)``.
 
 A checkpoint is written into a temporary directory that is renamed into place once complete, so a crash
 leaves either the previous checkpoints or the new one, never a half-written one.
@@ -27,7 +29,9 @@ from torch import Tensor
 from ..atomic import atomic_write_text, fsync_directory
 
 CHECKPOINT_FORMAT = "ucgm-checkpoint"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+#: Versions whose weights this ucgm still reads (version 1: one network, groups ``model`` and ``ema``).
+READABLE_VERSIONS = ("1", "2")
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 LATEST_FILE = "latest"
@@ -52,6 +56,14 @@ class CheckpointInfo:
     data_shape: Optional[list]
     num_classes: Optional[int]
     groups: list
+
+
+def weight_group_names(role: str, sampling_role: str) -> tuple[str, str]:
+    """The weight groups of network ``role``: ``("model", "ema")`` for the method's sampling network, else
+    ``(role, role + "-ema")``."""
+    if role == sampling_role:
+        return "model", "ema"
+    return role, f"{role}-ema"
 
 
 def step_directory_name(step: int) -> str:
@@ -198,9 +210,9 @@ def read_checkpoint_info(checkpoint: Path | str) -> CheckpointInfo:
     if metadata.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a ucgm checkpoint (its metadata has no "
                               f"format={CHECKPOINT_FORMAT!r}); foreign weights must be converted first")
-    if metadata.get("version") != FORMAT_VERSION:
+    if metadata.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{str(path)!r} has checkpoint format version {metadata.get('version')!r}; "
-                              f"this ucgm reads version {FORMAT_VERSION!r}")
+                              f"this ucgm reads versions {', '.join(READABLE_VERSIONS)}")
     config = _json_field(metadata, "config", path)
     if not isinstance(config, dict):
         raise CheckpointError(f"{str(path)!r} holds no resolved config in its metadata")
@@ -216,7 +228,7 @@ def read_checkpoint_info(checkpoint: Path | str) -> CheckpointInfo:
 
 
 def read_weights(checkpoint: Path | str, group: str, device: torch.device | str = "cpu") -> dict[str, Tensor]:
-    """The tensors of one weight group (``"model"`` or ``"ema"``), names without the group prefix."""
+    """The tensors of one weight group (e.g. ``"model"`` or ``"ema"``), names without the group prefix."""
     directory = find_checkpoint(checkpoint)
     path = directory / WEIGHTS_FILE
     prefix = f"{group}."

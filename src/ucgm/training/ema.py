@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .schema import EMAConfig
+from .settings import EMAConfig
 
 
 def power_ema_exponent(std: float) -> float:

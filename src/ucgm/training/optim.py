@@ -1,13 +1,13 @@
-"""Optimizer construction, learning-rate warm-up and gradient sanitising / clipping."""
+"""Optimizer construction, learning-rate warm-up and the gradient norm (non-finite checks and clipping)."""
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .schema import OptimizerConfig
+from .settings import OptimizerConfig
 
 
 def build_optimizer(parameters: Iterable[nn.Parameter], settings: OptimizerConfig) -> torch.optim.Optimizer:
@@ -34,10 +34,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 @torch.no_grad()
-def sanitise_and_clip(parameters: list[nn.Parameter], max_norm: Optional[float]) -> None:
-    """Replace NaN gradients by 0 (and +-inf by the largest finite values), then clip the global norm."""
+def gradient_norm(parameters: list[nn.Parameter]) -> Tensor:
+    """``||g||_2`` over every gradient of ``parameters`` (0 without gradients), as ``clip_grad_norm_`` computes it:
+    the norm of the per-tensor norms."""
     gradients = [parameter.grad for parameter in parameters if parameter.grad is not None]
-    for gradient in gradients:
-        torch.nan_to_num_(gradient, nan=0.0)
-    if max_norm is not None and gradients:
-        torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)
+    if not gradients:
+        return torch.zeros(())
+    norms = torch._foreach_norm(gradients, 2.0)
+    return torch.linalg.vector_norm(torch.stack([norm.to(gradients[0].device) for norm in norms]), 2.0)

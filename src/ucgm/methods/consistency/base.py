@@ -10,7 +10,6 @@ under the same freshly seeded global RNG (``same dropout RNG``), and the global 
 
 from __future__ import annotations
 
-import inspect
 import math
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
@@ -45,7 +44,11 @@ def shared_randomness(seed: int, device: torch.device) -> Iterator[None]:
 
 
 class ConsistencyObjectiveBase(Objective):
-    """Shared configuration and helpers; subclasses implement ``__call__``."""
+    """Shared configuration and helpers; subclasses implement ``__call__``. The target network follows the
+    online model with the decay ``mu(k)`` of the method's schedule, applied at once (no warm-up)."""
+
+    family = "consistency"
+    default_sampler = "cm-multistep"
 
     def _configure(self, transport: Transport | str, parameterisation: str, sigma_min: float, sigma_max: float,
                    sigma_data: float, metric: str, huber_constant: Optional[float], label_dropout: float,
@@ -71,6 +74,21 @@ class ConsistencyObjectiveBase(Objective):
         self._reference_decay = float(reference_decay)
         self.step, self.total_steps = 0, None
 
+    def networks(self) -> dict:
+        """The online model, its target network and, for a checkpoint teacher, the ``teacher`` role."""
+        teacher = getattr(self, "teacher", None)
+        return {**super().networks(), **(teacher.network_specs() if teacher is not None else {})}
+
+    def loss(self, phase, networks, batch):
+        teacher = getattr(self, "teacher", None)
+        if teacher is not None:
+            teacher.bind(networks)
+        return super().loss(phase, networks, batch)
+
+    def sampler(self) -> tuple[str, dict]:
+        """CM's multistep sampler on the trained noise range (Karras evaluation times)."""
+        return "cm-multistep", {"sigma_min": self.time_range.sigma_min, "sigma_max": self.time_range.sigma_max}
+
     @property
     def reference_decay(self) -> float:
         """Decay of the ``ema`` reference (target network)."""
@@ -90,8 +108,10 @@ class ConsistencyObjectiveBase(Objective):
             return self.consistency(model, x_t, t, labels)
         return self.transport.predict(model, x_t, t, labels).data
 
-    def sampling_model(self, backbone: nn.Module) -> tuple[nn.Module, Transport]:
-        """``(model, transport)`` such that ``transport.predict(model, x_t, t).data`` is the trained ``f``."""
+    def sampling_model(self, modules) -> tuple[nn.Module, Transport]:
+        """``(model, transport)`` such that ``transport.predict(model, x_t, t).data`` is the trained ``f``
+        (``modules["model"]`` is the backbone; a bare backbone is accepted too)."""
+        backbone = modules["model"] if isinstance(modules, dict) else modules
         if self.parameterisation == "consistency":
             wrapped = ConsistencyModel(backbone, self.consistency, self.time_range.t_max)
             return wrapped, wrapped.transport
@@ -148,25 +168,3 @@ class ConsistencyObjectiveBase(Objective):
         if bool((pair[1] > pair[0]).any()):
             raise ValueError("target_time must not exceed time (r <= t per sample)")
         return pair[0], pair[1]
-
-
-def sampling_model_from_config(backbone: nn.Module, transport: Transport, objective_config: dict
-                               ) -> tuple[nn.Module, Transport]:
-    """``(model, transport)`` to sample a backbone trained with ``objective_config`` (no teacher is loaded): the
-    consistency wrapper for consistency objectives with ``parameterisation="consistency"``, else the backbone."""
-    from .. import OBJECTIVES
-    from . import presets as consistency_registry  # noqa: F401  (registers the consistency objectives)
-
-    objective_class = OBJECTIVES.get(objective_config.get("name", "ucgm"))
-    if objective_class is None or not issubclass(objective_class, ConsistencyObjectiveBase):
-        return backbone, transport
-    defaults = {name: parameter.default for name, parameter in inspect.signature(objective_class).parameters.items()}
-    keys = ("parameterisation", "sigma_min", "sigma_max", "sigma_data")
-    settings = {key: objective_config.get(key, defaults[key]) for key in keys}
-    if settings["parameterisation"] != "consistency":
-        return backbone, transport
-    parameterisation = ConsistencyParameterisation(transport.path, settings["sigma_min"], settings["sigma_data"],
-                                                   transport.network_time)
-    time_range = TimeRange(transport.path, settings["sigma_min"], settings["sigma_max"])
-    wrapped = ConsistencyModel(backbone, parameterisation, time_range.t_max)
-    return wrapped, wrapped.transport

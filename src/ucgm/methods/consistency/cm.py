@@ -38,7 +38,7 @@ from .schedules import (
     lognormal_pair_probabilities,
     sample_truncated_lognormal,
 )
-from ..teachers import TEACHER_SOLVERS, TeacherODE, resolve_teacher
+from ..teachers import TEACHER_SOLVERS, Teacher
 
 DISCRETISATIONS = ("fixed", "adaptive", "doubling")
 """``N(k)``: ``fixed`` = ``initial_scales`` points; ``adaptive`` = CM's progressive schedule from ``initial_scales``
@@ -141,13 +141,12 @@ class ConsistencyDistillation(PairedConsistencyObjective):
                         label_dropout, null_label, reference, reference_decay)
         self._configure_pairs(discretisation, initial_scales, final_scales, rho, pair_distribution, p_mean, p_std,
                               weighting, adaptive_decay)
-        teacher_model, resolved_transport = resolve_teacher(teacher, teacher_transport, self.transport)
-        self.teacher = TeacherODE(teacher_model, resolved_transport, self.transport.path)
+        self.teacher = Teacher(teacher, teacher_transport, self.transport)
         self.solver = solver
 
     def target_point(self, x_t, t, r, data, noise, labels):
         """``x_r`` = one teacher solver step from ``(x_t, t)`` to ``r``."""
-        return self.teacher.step(x_t, t, r, labels, self.solver)
+        return self.teacher.ode(self.transport.path).step(x_t, t, r, labels, self.solver)
 
 
 class ConsistencyTraining(PairedConsistencyObjective):

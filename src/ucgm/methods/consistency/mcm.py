@@ -29,7 +29,7 @@ from ...validation import check_batch, check_finite, check_positive_int
 from ..base import ObjectiveOutput
 from .base import ConsistencyObjectiveBase
 from .parameterisation import TimeRange
-from ..teachers import TeacherODE, resolve_teacher
+from ..teachers import Teacher
 
 
 def segment_edges(path: Path, segments: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
@@ -64,10 +64,7 @@ class MultistepConsistency(ConsistencyObjectiveBase):
         self._configure(transport, parameterisation, sigma_min, sigma_max, sigma_data, metric, huber_constant,
                         label_dropout, null_label, reference, reference_decay)
         self.segments, self.substeps = segments, substeps
-        self.teacher = None
-        if teacher is not None:
-            teacher_model, resolved_transport = resolve_teacher(teacher, teacher_transport, self.transport)
-            self.teacher = TeacherODE(teacher_model, resolved_transport, self.transport.path)
+        self.teacher = None if teacher is None else Teacher(teacher, teacher_transport, self.transport)
 
     def edges(self) -> Tensor:
         """The segment boundaries, decreasing from ``t_max`` to ``t_min``."""
@@ -90,6 +87,11 @@ class MultistepConsistency(ConsistencyObjectiveBase):
         start, end = ascending[index - 1], ascending[index]
         return start, (end - start) / self.substeps
 
+    def sampler(self) -> tuple[str, dict]:
+        """Multistep consistency sampling along the training segments (NFE = number of segments)."""
+        return "mcm", {"sigma_min": self.time_range.sigma_min, "sigma_max": self.time_range.sigma_max,
+                       "sigma_data": self.consistency.sigma_data}
+
     def __call__(self, model: Callable, data: Tensor, labels: Optional[Tensor] = None, *,
                  reference_model: Optional[Callable] = None, generator: Optional[torch.Generator] = None,
                  time: Optional[Tensor] = None, noise: Optional[Tensor] = None) -> ObjectiveOutput:
@@ -111,7 +113,7 @@ class MultistepConsistency(ConsistencyObjectiveBase):
             if self.teacher is None:
                 x_previous = self.transport.interpolate(data, noise, previous)
             else:
-                x_previous = self.teacher.step(x_t, t, previous, labels, "euler")
+                x_previous = self.teacher.ode(self.transport.path).step(x_t, t, previous, labels, "euler")
         online, target_data = self.paired_predictions(model, reference_model, x_t, t, x_previous, previous,
                                                       labels, seed)
         at_start = broadcast_time((previous64 == start64).to(data.device), x_t)

@@ -122,4 +122,15 @@ class ConsistencyModel(nn.Module):
         self.transport = Transport(parameterisation.path, "data", name="consistency")
 
     def forward(self, x_t: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        check_trained_range(t, self.t_max)
         return self.parameterisation(self.backbone, x_t, t, labels)
+
+
+def check_trained_range(t: Tensor | float, t_max: float, tolerance: float = 1e-6) -> None:
+    """Raise ``ValueError`` when a time exceeds ``t_max``, the largest time a consistency model was trained at
+    (its ``sigma_max``); beyond it ``f`` is undefined (e.g. ``x_t / gamma`` at ``gamma = 0``)."""
+    largest = float(torch.as_tensor(t).max())
+    if largest > t_max + tolerance:
+        raise ValueError(f"time {largest:.6g} lies outside the trained range of this consistency model (t <= "
+                         f"{t_max:.6g}, its sigma_max); sample it with its own sampler ('cm-multistep') or a "
+                         f"sampler setting t_max <= {t_max:.6g}")

@@ -1,32 +1,12 @@
-"""Registers the consistency-family objectives and holds their presets.
-
-Importing this module makes ``objective.name`` = ``cd``, ``ct``, ``ict``, ``ect``, ``mcm``, ``tcm`` selectable in
-:func:`~ucgm.methods.build_objective`.
+"""Objective sections of the consistency family for the bundled presets.
 
 :data:`CONSISTENCY_PRESETS` maps ``"<dataset>-<objective>"`` to an ``objective`` config section (usable as is,
-e.g. ``build_objective(CONSISTENCY_PRESETS["gmm-cd"], transport)``). The class defaults are the papers' values
+e.g. ``build_method(CONSISTENCY_PRESETS["gmm-cd"], transport)``). The class defaults are the papers' values
 (CIFAR-10 / ImageNet scale); the ``gmm`` and ``digits`` presets shrink the curricula to runs of a few thousand
 steps (``set_progress`` supplies ``K``) and keep everything else at the papers' values.
 """
 
 from __future__ import annotations
-
-from .. import register_objective
-from .cm import ConsistencyDistillation, ConsistencyTraining, EasyConsistencyTuning, ImprovedConsistencyTraining
-from .mcm import MultistepConsistency
-from .tcm import TruncatedConsistency
-
-CONSISTENCY_OBJECTIVES = {
-    "cd": ConsistencyDistillation,
-    "ct": ConsistencyTraining,
-    "ict": ImprovedConsistencyTraining,
-    "ect": EasyConsistencyTuning,
-    "mcm": MultistepConsistency,
-    "tcm": TruncatedConsistency,
-}
-
-for _name, _objective_class in CONSISTENCY_OBJECTIVES.items():
-    register_objective(_name, _objective_class)
 
 #: Objective sections for the 2-D mixtures (``gmm``) and the 8x8 digits (``digits``).
 CONSISTENCY_PRESETS: dict[str, dict] = {

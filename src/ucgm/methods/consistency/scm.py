@@ -43,17 +43,25 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
-import torch.distributed as distributed
 from torch import Tensor, nn
 
 from ...transports import Transport, TransportAdapter, TrigPath, broadcast_time, make_transport
 from ...validation import check_batch, check_choice, check_finite, check_positive_int, check_range
 from .adaptive_weighting import AdaptiveWeighting
-from ..base import Objective, ObjectiveOutput, draw_noise, drop_labels, resolve_null_label, unwrap
-from ..teachers import resolve_teacher
+from ..base import (
+    NetworkSpec,
+    Objective,
+    ObjectiveOutput,
+    Phase,
+    draw_noise,
+    drop_labels,
+    resolve_null_label,
+    unwrap,
+)
+from ..teachers import Teacher
 from .scm_tangent import (
     TANGENT_METHODS,
     TANGENT_NORMALISATIONS,
@@ -125,6 +133,9 @@ class SCMObjective(Objective):
     the null label with probability ``label_dropout``.
     """
 
+    family = "consistency"
+    default_sampler = "scm"
+
     def __init__(
         self,
         transport: Transport | str = "trigflow",
@@ -166,19 +177,59 @@ class SCMObjective(Objective):
         self.label_dropout = float(label_dropout)
         self.null_label = null_label
         self.reference_teacher = reference_teacher
-        self.teacher_adapter = None if teacher is None or reference_teacher else self._teacher_adapter(
-            teacher, teacher_transport)
+        self.teacher = None if teacher is None or reference_teacher else Teacher(teacher, teacher_transport,
+                                                                                 self.transport)
+        self._teacher_adapter: Optional[TransportAdapter] = None
         self.weighting: Optional[AdaptiveWeighting] = AdaptiveWeighting() if adaptive_weighting else None
+        #: The weighting head as the loss calls it (the trainer's training wrapper while training).
+        self._weighting_call: Optional[Callable] = None
         self.reference_mode = "frozen" if reference_teacher else None
         self.step = 0
         #: The derivative method actually used: ``tangent_method``, or ``"finite_difference"`` after an
         #: ``"auto"`` fallback.
         self.method_in_use = tangent_method
 
-    def _teacher_adapter(self, teacher, teacher_transport) -> TransportAdapter:
-        """``F`` of the TrigFlow path (= ``dx_t/ds``) from the teacher on its own transport."""
-        model, native = resolve_teacher(teacher, teacher_transport, self.transport)
-        return TransportAdapter(model, native, self.transport)
+    @property
+    def teacher_adapter(self) -> Optional[TransportAdapter]:
+        """``F`` of the TrigFlow path (= ``dx_t/ds``) from the teacher on its own transport (``None`` for sCT and
+        for the reference teacher)."""
+        if self.teacher is None:
+            return None
+        model, native = self.teacher.resolved()
+        if self._teacher_adapter is None or self._teacher_adapter.model is not model:
+            self._teacher_adapter = TransportAdapter(model, native, self.transport)
+        return self._teacher_adapter
+
+    def networks(self) -> dict[str, NetworkSpec]:
+        """The model, a frozen reference (``teacher="reference"``), a checkpoint teacher, and the adaptive
+        weighting head ``weighting`` (built by the method, trained with the model)."""
+        specs = super().networks()
+        if self.teacher is not None:
+            specs.update(self.teacher.network_specs())
+        if self.weighting is not None:
+            specs["weighting"] = NetworkSpec(init="method", ema={"kind": "none"})
+        return specs
+
+    def schedule(self) -> list[Phase]:
+        return [Phase("train", ("model", "weighting") if self.weighting is not None else ("model",))]
+
+    def sampler(self) -> tuple[str, dict]:
+        """sCM's sampler: one jump to data per call, re-noised at the intermediate angles."""
+        return "scm", {}
+
+    def build_network(self, role: str) -> nn.Module:
+        if role != "weighting" or self.weighting is None:
+            return super().build_network(role)
+        return self.weighting
+
+    def loss(self, phase, networks, batch):
+        if self.teacher is not None:
+            self.teacher.bind(networks)
+        self._weighting_call = networks.get("weighting")
+        try:
+            return super().loss(phase, networks, batch)
+        finally:
+            self._weighting_call = None
 
     # ------------------------------------------------------------------------- trainer interface
     def set_progress(self, step: int, total_steps: Optional[int] = None) -> None:
@@ -194,38 +245,12 @@ class SCMObjective(Objective):
         """The current ``r = min(1, step / H)``."""
         return tangent_warmup_ratio(self.step, self.tangent_warmup_steps)
 
-    def parameters(self) -> Iterator[nn.Parameter]:
-        """The adaptive-weighting head's parameters (none when ``adaptive_weighting=False``); the trainer must
-        optimise them together with the model's."""
-        return iter(()) if self.weighting is None else self.weighting.parameters()
-
-    def state_dict(self) -> dict:
-        """The weighting head's state, for checkpoints."""
-        return {} if self.weighting is None else self.weighting.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.weighting is not None:
-            self.weighting.load_state_dict(state)
-        elif state:
-            raise ValueError("the checkpoint holds an adaptive-weighting head but adaptive_weighting=False")
-
     def to(self, device: torch.device | str) -> "SCMObjective":
-        """Move the weighting head (and a module teacher) to ``device``; call before building the optimizer."""
+        """Move the weighting head (and a module teacher) to ``device``."""
         for module in (self.weighting, self.teacher_adapter):
             if module is not None:
                 module.to(device)
         return self
-
-    def average_gradients(self) -> None:
-        """All-reduce (average) the head's gradients over the process group. The head is not inside the DDP
-        wrapper, so under DDP the trainer must call this after ``backward`` and before the optimizer step."""
-        if not (distributed.is_available() and distributed.is_initialized()):
-            return
-        world_size = distributed.get_world_size()
-        for parameter in self.parameters():
-            if parameter.grad is not None:
-                distributed.all_reduce(parameter.grad)
-                parameter.grad /= world_size
 
     # ------------------------------------------------------------------------------------ inputs
     def _times(self, time: Optional[Tensor], data: Tensor, generator: Optional[torch.Generator]) -> Tensor:
@@ -283,7 +308,8 @@ class SCMObjective(Objective):
             if self.weighting.bias.device != data.device:
                 raise ValueError(f"the weighting head is on {self.weighting.bias.device} but the data on "
                                  f"{data.device}; call objective.to(device) before training")
-            log_variance = self.weighting(angle).to(error.dtype)
+            weighting = self._weighting_call or self.weighting
+            log_variance = weighting(angle).to(error.dtype)
             per_sample = torch.exp(-log_variance) * error + log_variance
             stats["log_variance"] = log_variance.detach().mean()
         return ObjectiveOutput(per_sample.mean(), per_sample.detach(), stats)

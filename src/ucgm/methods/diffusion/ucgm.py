@@ -110,7 +110,10 @@ def data_prediction_tangent(
 
 
 class UCGMObjective(Objective):
-    """UCGM-T. ``consistency_ratio`` 0 trains a multi-step (flow-matching/diffusion) model, 1 a few-step one."""
+    """UCGM-T. ``consistency_ratio`` 0 trains a multi-step (flow-matching/diffusion) model, 1 a few-step one.
+    Its ``ema`` reference warms its decay up from 0 (the official rule)."""
+
+    reference_warmup = True
 
     def __init__(
         self,

@@ -1,0 +1,87 @@
+"""The registry of training methods by name (``objective.name`` in a run config), grouped by family.
+
+Explicit: adding a method means adding its class here (no registration as an import side effect). A method of
+one's own, outside ucgm, is named by its import path: ``objective.name=package.module:ClassName`` (a subclass of
+:class:`~ucgm.methods.base.Method` whose constructor takes ``transport`` and its options).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from typing import Any
+
+from ..transports import Transport
+from .base import Method
+from .consistency.cm import (
+    ConsistencyDistillation,
+    ConsistencyTraining,
+    EasyConsistencyTuning,
+    ImprovedConsistencyTraining,
+)
+from .consistency.mcm import MultistepConsistency
+from .consistency.scm import SCMObjective
+from .consistency.tcm import TruncatedConsistency
+from .diffusion.flow_matching import FlowMatchingObjective
+from .diffusion.ucgm import UCGMObjective
+
+#: Method name -> class, by family.
+METHOD_FAMILIES: dict[str, dict[str, type[Method]]] = {
+    "diffusion": {"ucgm": UCGMObjective, "flow_matching": FlowMatchingObjective},
+    "consistency": {
+        "cd": ConsistencyDistillation,
+        "ct": ConsistencyTraining,
+        "ict": ImprovedConsistencyTraining,
+        "ect": EasyConsistencyTuning,
+        "mcm": MultistepConsistency,
+        "tcm": TruncatedConsistency,
+        "scm": SCMObjective,
+    },
+}
+#: Every method by name.
+METHODS: dict[str, type[Method]] = {name: cls for family in METHOD_FAMILIES.values() for name, cls in family.items()}
+
+
+def _imported_method(name: str) -> type[Method]:
+    """The class ``package.module:ClassName`` names."""
+    module_name, _, class_name = name.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"objective {name!r}: cannot import {class_name!r} from {module_name!r} ({error})") from error
+    if not (isinstance(found, type) and issubclass(found, Method)):
+        raise ValueError(f"objective {name!r} is not a ucgm Method subclass")
+    return found
+
+
+def method_class(name: str) -> type[Method]:
+    """The class of method ``name`` (a registered name or ``package.module:ClassName``); ``ValueError`` naming
+    the closest and the allowed names otherwise."""
+    if isinstance(name, str) and ":" in name:
+        return _imported_method(name)
+    if name not in METHODS:
+        close = difflib.get_close_matches(str(name), list(METHODS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown objective {name!r}{hint}; allowed: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def method_options(name: str) -> list[str]:
+    """The options method ``name`` accepts in its config section (its constructor's keyword arguments)."""
+    return [key for key in inspect.signature(method_class(name).__init__).parameters
+            if key not in ("self", "transport")]
+
+
+def build_method(config: dict[str, Any], transport: Transport) -> Method:
+    """Instantiate ``config["name"]`` (default ``ucgm``) with the remaining keys as keyword arguments on the run's
+    ``transport``; an unknown option is an error naming the closest allowed one."""
+    config = dict(config)
+    name = config.pop("name", "ucgm")
+    allowed = method_options(name)
+    for key in config:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown option {key!r} for objective {name!r}{hint}; allowed: {', '.join(allowed)}")
+    return method_class(name)(transport=transport, **config)

@@ -1,0 +1,49 @@
+"""Default settings of ``ucgm sample``, ``ucgm evaluate`` and training sample grids (the ``sampling`` section)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..validation import is_int, is_number, require, require_choice, require_int, require_numbers
+from .registry import SAMPLER_NAMES
+
+
+@dataclass
+class SamplingConfig:
+    """Default sampler settings for ``ucgm sample`` and the periodic sample grids; ``sampler = None`` samples
+    with the run's own method's sampler (:meth:`ucgm.methods.base.Method.sampler`)."""
+
+    sampler: Optional[str] = None
+    nfe: int = 40
+    stochasticity: Any = 0.0
+    extrapolation: float = 0.0
+    time_warp: list = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    gaps: list = field(default_factory=lambda: [0.001, 0.001])
+    cfg_scale: Optional[float] = None
+    cfg_interval: Optional[list] = None
+    num: int = 64
+    batch_size: int = 256
+    seed: int = 0
+    labels: Optional[list] = None
+
+    def validate(self, prefix: str = "sampling") -> None:
+        require_choice(f"{prefix}.sampler", self.sampler, (None,) + SAMPLER_NAMES)
+        require_int(f"{prefix}.nfe", self.nfe, 1)
+        require(self.stochasticity in ("sde", "auto") or (is_number(self.stochasticity)
+                                                         and 0 <= self.stochasticity <= 1),
+                 f"{prefix}.stochasticity", self.stochasticity, "must lie in [0, 1] or be 'sde' or 'auto'")
+        require(is_number(self.extrapolation) and self.extrapolation >= 0, f"{prefix}.extrapolation",
+                 self.extrapolation, "must be a number >= 0")
+        require_numbers(f"{prefix}.time_warp", self.time_warp, 3)
+        require_numbers(f"{prefix}.gaps", self.gaps, 2)
+        require(self.cfg_scale is None or is_number(self.cfg_scale), f"{prefix}.cfg_scale", self.cfg_scale,
+                 "must be null (no guidance) or a number")
+        if self.cfg_interval is not None:
+            require_numbers(f"{prefix}.cfg_interval", self.cfg_interval, 2)
+        require_int(f"{prefix}.num", self.num, 1)
+        require_int(f"{prefix}.batch_size", self.batch_size, 1)
+        require_int(f"{prefix}.seed", self.seed, 0)
+        require(self.labels is None or (isinstance(self.labels, list) and self.labels
+                                         and all(is_int(label) and label >= 0 for label in self.labels)),
+                 f"{prefix}.labels", self.labels, "must be null or a non-empty list of class ids")
