@@ -293,7 +293,7 @@ def test_network_specs_are_checked():
     with pytest.raises(ConfigError, match="no network 'fake'"):
         build_networks(method, TinyMLP(), OPTIMIZER, EMAConfig(), build_backbone=lambda role, spec: TinyMLP(),
                        overrides={"fake": {"optimizer": {"lr": 1.0}}})
-    with pytest.raises(ConfigError, match="unknown OptimizerConfig setting 'learning_rate'"):
+    with pytest.raises(ConfigError, match="unknown setting networks.critic.optimizer.learning_rate"):
         build_networks(method, TinyMLP(), OPTIMIZER, EMAConfig(), build_backbone=lambda role, spec: TinyMLP(),
                        overrides={"critic": {"optimizer": {"learning_rate": 1.0}}})
 

@@ -15,6 +15,7 @@ from ..atomic import atomic_write_text
 from ..validation import ConfigError
 from .schema import (
     CLOSED_SECTIONS,
+    FREE_SECTIONS,
     NAMED_SECTIONS,
     SECTIONS,
     default_config,
@@ -27,7 +28,7 @@ PRESET_DIRECTORY = Path(__file__).resolve().parent.parent / "configs"
 #: The section of a preset holding per-objective defaults, ``objectives: {NAME: {SECTION: {...}}}``.
 OBJECTIVE_DEFAULTS = "objectives"
 #: The sections an ``objectives.NAME`` entry may set.
-OBJECTIVE_DEFAULT_SECTIONS = ("model", "transport", "objective", "optimizer", "training", "sampling")
+OBJECTIVE_DEFAULT_SECTIONS = ("model", "transport", "objective", "networks", "optimizer", "training", "sampling")
 
 #: ``accepted_keys(section, name)``: the option names the component ``name`` of an open section accepts, or
 #: ``None`` when unknown. Lets overrides name options a preset does not list.
@@ -183,7 +184,7 @@ def apply_override(config: dict, key: str, value, accepted_keys: AcceptedKeys = 
             raise ConfigError(f"override {key}={value!r}: section {section!r} needs a key, e.g. "
                               f"{section_keys(section)[0]}=...")
         parts, key = [section, "name"], f"{section}.name"
-    if key not in config_keys(config, accepted_keys):
+    if section not in FREE_SECTIONS and key not in config_keys(config, accepted_keys):
         raise unknown_key_error(key, config_keys(config, accepted_keys))
     renames_component = len(parts) == 2 and parts[1] == "name" and section not in CLOSED_SECTIONS
     if renames_component and config[section].get("name") != value:

@@ -61,8 +61,11 @@ CLOSED_SECTIONS: dict[str, type] = {
     "sampling": SamplingConfig,
     "init": InitConfig,
 }
-SECTIONS = ("data", "model", "transport", "objective", "optimizer", "training", "sampling", "init", "tune",
-            "objectives")
+SECTIONS = ("data", "model", "transport", "objective", "networks", "optimizer", "training", "sampling", "init",
+            "tune", "objectives")
+#: Open sections whose keys are checked by the component that reads them (``networks.ROLE.optimizer.lr``: the
+#: method's networks, see :func:`ucgm.training.networks.build_networks`).
+FREE_SECTIONS = ("networks",)
 #: Open sections that must name the component to build.
 NAMED_SECTIONS = ("data", "model", "objective")
 

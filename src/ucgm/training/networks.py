@@ -40,15 +40,16 @@ class NetworkSetup:
     ema: Optional[EMAConfig]
 
 
-def merged_settings(base, overrides: Optional[Mapping], kind: type):
-    """``base`` (a settings dataclass) with ``overrides`` applied, validated; ``ConfigError`` on unknown keys."""
+def merged_settings(base, overrides: Optional[Mapping], kind: type, prefix: str):
+    """``base`` (a settings dataclass) with ``overrides`` applied and validated (keys named ``prefix.KEY`` in
+    errors); ``ConfigError`` on unknown keys."""
     values = dict(vars(base))
     for key, value in (overrides or {}).items():
         if key not in values:
-            raise ConfigError(f"unknown {kind.__name__} setting {key!r}; allowed: {', '.join(values)}")
+            raise ConfigError(f"unknown setting {prefix}.{key}; allowed: {', '.join(values)}")
         values[key] = value
     settings = kind(**values)
-    settings.validate()
+    settings.validate(prefix)
     return settings
 
 
@@ -127,10 +128,15 @@ def build_networks(method: Method, primary: nn.Module, optimizer: OptimizerConfi
         if not spec.trainable:
             module.requires_grad_(False)
         user = dict((overrides or {}).get(role, {}))
+        unknown_sections = sorted(set(user) - {"optimizer", "ema"})
+        if unknown_sections:
+            raise ConfigError(f"networks.{role}.{unknown_sections[0]} is not a network setting; allowed: "
+                              f"networks.{role}.optimizer.KEY, networks.{role}.ema.KEY")
         optimizer_settings = merged_settings(optimizer, {**spec.optimizer, **user.get("optimizer", {})},
-                                             OptimizerConfig) if spec.trainable else None
+                                             OptimizerConfig, f"networks.{role}.optimizer") if spec.trainable else None
         ema_overrides = {**(spec.ema or {}), **user.get("ema", {})}
-        ema_settings = merged_settings(ema, ema_overrides, EMAConfig) if spec.trainable else None
+        ema_settings = merged_settings(ema, ema_overrides, EMAConfig, f"networks.{role}.ema") if spec.trainable \
+            else None
         if ema_settings is not None and ema_settings.kind == "none":
             ema_settings = None
         setups[role] = NetworkSetup(module, spec, optimizer_settings, ema_settings)
