@@ -13,13 +13,12 @@ preset), seed 0, the same number of steps for every method of a dataset:
 * digits (class-conditional 8x8 digits, UNet with 16 base channels, batch 64): ``ct`` and ``scm`` from scratch and
   the flow-matching reference.
 
-Sampling: the EMA weights through the method's sampling model (:func:`~ucgm.training.loading.load_checkpoint_model`), each method's own sampler at
-NFE 1, 2, 4, 8, 16 from the same seeded noise (:func:`ucgm.analysis.reports.draw_samples`): CM's multistep sampler
-(:func:`~ucgm.sampling.consistency_sampler.consistency_sample`, Karras times) for cd/ct/ict/ect/tcm; the multistep
-CM sampler with NFE jumps along equal segments (:func:`~ucgm.sampling.consistency_sampler.
-multistep_consistency_sample`, DDIM; trained with 4 segments, so NFE 4 is its native budget) for mcm; sCM's sampler
-(:func:`~ucgm.sampling.scm_sampler.scm_sample`) for scm; UCGM-S with the run's tuned settings for ucgm; Euler on a
-uniform grid for flow matching. Quality: sliced W2 (256 projections) of ``num_gmm`` samples against
+Sampling: the EMA weights read as each method trained them (:func:`~ucgm.training.loading.load_checkpoint_model`,
+the path of ``ucgm sample`` and ``ucgm evaluate``), each method's own sampler (``Method.sampler()``, the default of
+``ucgm evaluate``) at NFE 1, 2, 4, 8, 16 from the same seeded noise (:func:`ucgm.analysis.reports.draw_samples`):
+``cm-multistep`` (CM's multistep sampler, Karras times) for cd/ct/ict/ect/tcm; ``mcm`` (NFE jumps along equal
+segments, DDIM; trained with 4 segments, so NFE 4 is its native budget) for mcm; ``scm`` for scm; UCGM-S with the
+run's tuned settings for ucgm; Euler on a uniform grid for flow matching. Quality: sliced W2 (256 projections) of ``num_gmm`` samples against
 ``num_reference`` exact mixture samples (seed 12345), with the sample-noise floor of exact samples; digits FD of
 ``num_digits`` samples against the held-out split, with the floor of as many training digits.
 
@@ -49,10 +48,8 @@ from torch import Tensor
 from ..data.mixtures import make_mixture
 from ..analysis.reports import draw_samples
 from ..metrics.suites import REFERENCE_SEED, SlicedW2Against
-from ..sampling.consistency_sampler import consistency_sample, multistep_consistency_sample
 from ..sampling.registry import BudgetedSampler, get_sampler
-from ..sampling.result import SampleResult
-from ..sampling.scm_sampler import scm_sample
+from ..training.loading import LoadedCheckpoint
 from ..cli.components import accepted_keys
 from ..cli.config import read_yaml_mapping, resolve_config
 from ..cli.train import CONFIG_FILE, run_training
@@ -110,19 +107,19 @@ class Method:
 
 GMM_METHODS = (
     Method(FLOW_MATCHING, FLOW_MATCHING, "euler"),
-    Method("cd", "cd", "consistency"),
-    Method("ct", "ct", "consistency"),
-    Method("ict", "ict", "consistency"),
-    Method("ect", "ect", "consistency", start=FLOW_MATCHING),
-    Method("mcm", "mcm", "multistep"),
-    Method("tcm", "tcm", "consistency", start="ect", overrides=("objective.stage=2", "optimizer.lr=3e-5")),
-    Method("scm", "scm", "scm"),
+    Method("cd", "cd", "own"),
+    Method("ct", "ct", "own"),
+    Method("ict", "ict", "own"),
+    Method("ect", "ect", "own", start=FLOW_MATCHING),
+    Method("mcm", "mcm", "own"),
+    Method("tcm", "tcm", "own", start="ect", overrides=("objective.stage=2", "optimizer.lr=3e-5")),
+    Method("scm", "scm", "own"),
     Method("ucgm (lambda=1)", "ucgm", "ucgm-run", start=FLOW_MATCHING, tuned=True),
 )
 DIGITS_METHODS = (
     Method(FLOW_MATCHING, FLOW_MATCHING, "euler"),
-    Method("ct", "ct", "consistency"),
-    Method("scm", "scm", "scm"),
+    Method("ct", "ct", "own"),
+    Method("scm", "scm", "own"),
 )
 GMM_OVERRIDES = ("data.conditional=false",)
 #: Smaller UNet and batch than the digits preset, for CPU minutes (as the quality section).
@@ -130,35 +127,30 @@ DIGITS_OVERRIDES = ("model.base_channels=16", "training.batch_size=64", "trainin
 
 
 # ------------------------------------------------------------------------------------------- samplers
-def _consistency(model, transport, noise, labels, nfe, generator, return_trajectory=False) -> SampleResult:
-    return consistency_sample(model, transport, noise, labels, steps=nfe, generator=generator)
-
-
-def _multistep(model, transport, noise, labels, nfe, generator, return_trajectory=False) -> SampleResult:
-    return multistep_consistency_sample(model, transport, noise, labels, segments=nfe)
-
-
-def _scm(model, transport, noise, labels, nfe, generator, return_trajectory=False) -> SampleResult:
-    return scm_sample(model, transport, noise, labels, steps=nfe, generator=generator)
-
-
 def _run_ucgm_settings(config: dict) -> dict:
     sampling = config["sampling"]
     return {"stochasticity": sampling["stochasticity"], "extrapolation": sampling["extrapolation"],
             "time_warp": tuple(sampling["time_warp"]), "gaps": tuple(sampling["gaps"])}
 
 
-#: Sampler name -> ``config -> BudgetedSampler`` (the config is the run's, for samplers with tuned settings).
-SAMPLERS: dict[str, Callable[[dict], BudgetedSampler]] = {
-    "euler": lambda config: get_sampler("euler"),
-    "consistency": lambda config: _consistency,
-    "multistep": lambda config: _multistep,
-    "scm": lambda config: _scm,
-    "ucgm-run": lambda config: get_sampler("ucgm", _run_ucgm_settings(config)),
+#: Sampler key -> ``loaded checkpoint -> BudgetedSampler``: the method's own sampler (as ``ucgm sample`` and
+#: ``ucgm evaluate`` use it by default), Euler, or UCGM-S with the run's tuned settings.
+SAMPLERS: dict[str, Callable[[LoadedCheckpoint], BudgetedSampler]] = {
+    "own": lambda loaded: get_sampler(*loaded.method.sampler()),
+    "euler": lambda loaded: get_sampler("euler"),
+    "ucgm-run": lambda loaded: get_sampler("ucgm", _run_ucgm_settings(loaded.config)),
 }
-SAMPLER_TEXT = {"euler": "Euler (uniform grid)", "consistency": "CM multistep (Karras times)",
-                "multistep": "MCM, NFE segments (DDIM)", "scm": "sCM (s_mid = 1.1, ...)",
-                "ucgm-run": "UCGM-S, run's tuned settings"}
+#: How the table names the samplers (the method's own sampler by its registry name).
+OWN_SAMPLER_TEXT = {"cm-multistep": "CM multistep (Karras times)", "mcm": "MCM, NFE segments (DDIM)",
+                    "scm": "sCM (s_mid = 1.1, ...)"}
+SAMPLER_TEXT = {"euler": "Euler (uniform grid)", "ucgm-run": "UCGM-S, run's tuned settings"}
+
+
+def sampler_text(key: str, loaded: LoadedCheckpoint) -> str:
+    if key == "own":
+        name = loaded.method.sampler()[0]
+        return OWN_SAMPLER_TEXT.get(name, name)
+    return SAMPLER_TEXT[key]
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -194,11 +186,13 @@ def train_methods(preset: str, base: tuple[str, ...], methods: tuple[Method, ...
 
 
 # -------------------------------------------------------------------------------------------- quality
-def quality_curve(run_dir: Path, sampler: str, metric: Callable[[Tensor], float], num: int) -> dict[int, float]:
-    """The metric of ``num`` samples of the run's EMA weights at every NFE of :data:`NFES`."""
+def quality_curve(run_dir: Path, sampler: str, metric: Callable[[Tensor], float], num: int
+                  ) -> tuple[dict[int, float], str]:
+    """The metric of ``num`` samples of the run's EMA weights at every NFE of :data:`NFES`, and the sampler's
+    table text."""
     loaded = load_checkpoint_model(run_dir)
     network, transport = loaded.model, loaded.transport
-    budgeted = SAMPLERS[sampler](loaded.config)
+    budgeted = SAMPLERS[sampler](loaded)
     values = {}
     for nfe in NFES:
         drawn = draw_samples(network, transport, budgeted, nfe, loaded.info.data_shape, loaded.info.num_classes or 0,
@@ -206,7 +200,7 @@ def quality_curve(run_dir: Path, sampler: str, metric: Callable[[Tensor], float]
         if drawn.nfe != nfe:
             raise RuntimeError(f"sampler {sampler!r} spent {drawn.nfe} NFE for a budget of {nfe}")
         values[nfe] = metric(drawn.samples)
-    return values
+    return values, sampler_text(sampler, loaded)
 
 
 def step_trend(values: dict[int, float], noise: float = 0.0) -> dict:
@@ -265,11 +259,11 @@ def benchmark_dataset(dataset: str, preset: str, base: tuple[str, ...], methods:
     costs, fm_step_seconds = step_costs(run_dirs, sizes)
     rows = []
     for method in methods:
-        values = quality_curve(run_dirs[method.label], method.sampler, metric, num)
+        values, text = quality_curve(run_dirs[method.label], method.sampler, metric, num)
         objective = read_yaml_mapping(run_dirs[method.label] / CONFIG_FILE)["objective"]
         rows.append({"dataset": dataset, "method": method.label, "objective": objective, "origin": method.origin,
                      "overrides": list(method.overrides),
-                     "sampler": SAMPLER_TEXT[method.sampler], "steps": steps,
+                     "sampler": text, "steps": steps,
                      "values": {str(nfe): value for nfe, value in values.items()}, **step_trend(values, noise),
                      "step_cost_vs_fm": costs[method.label], "train_seconds": train_seconds[method.label]})
     return rows, {"flow_matching_step_seconds": fm_step_seconds, "steps": steps, "num_samples": num}
