@@ -13,9 +13,9 @@ sampling, metric records, the NFE-quality plot and the markdown tables.
 such as the sample-noise floor) are records with ``nfe = 0``.
 
 **Sampling.** Sample ``i`` starts from the noise of generator ``(seed, i)`` (:func:`~ucgm.sampling.seeded.
-initial_noise`) with label ``i % num_classes``; stochastic samplers draw fresh noise from a generator seeded by
-``(seed, batch start)``, the scheme of ``ucgm sample``. Deterministic samplers give the same samples (up to
-floating-point rounding) whatever the batch size.
+initial_noise`) with label ``i % num_classes``; stochastic samplers draw their fresh noise from per-sample streams
+(:func:`~ucgm.sampling.seeded.fresh_noise_source`), the scheme of ``ucgm sample``, so every sampler gives the same
+samples (up to floating-point rounding) whatever the batch size.
 """
 
 from __future__ import annotations
@@ -29,14 +29,10 @@ from torch import Tensor
 
 from ..sampling.registry import BudgetedSampler, SAMPLER_NAMES, get_sampler
 from ..atomic import atomic_path
-from ..sampling.seeded import UCGM_SAMPLING_SETTINGS, initial_noise, sample_labels
-from ..seeding import SAMPLE_STREAM, derive_seed, seeded_generator
+from ..sampling.seeded import (UCGM_FAMILY, UCGM_SAMPLING_SETTINGS, fresh_noise_source, initial_noise,
+                               sample_labels)
 from ..yaml_io import parse_yaml
 
-#: Samplers whose settings start from the run's ``sampling`` section.
-UCGM_FAMILY = ("ucgm", "ucgm-o2")
-#: Seed coordinate of the fresh noise of stochastic samplers (the one ``ucgm sample`` uses).
-FRESH_NOISE_STREAM = 1
 SPEC_SYNTAX = "NAME[:KEY=VALUE[:KEY=VALUE ...]], comma-separated (e.g. ucgm,euler,ucgm:extrapolation=0.3)"
 
 
@@ -150,8 +146,7 @@ def draw_samples(network: Callable, transport, sampler: BudgetedSampler, nfe: in
         batch = range(start, min(start + batch_size, num))
         noise = initial_noise(seed, batch, shape, torch.device(device))
         batch_labels = None if labels is None else labels[batch.start:batch.stop].to(device)
-        generator = seeded_generator(derive_seed(seed, FRESH_NOISE_STREAM), SAMPLE_STREAM, start, device=device)
-        result = sampler(network, transport, noise, batch_labels, nfe, generator)
+        result = sampler(network, transport, noise, batch_labels, nfe, fresh_noise_source(seed, batch))
         outputs.append(result.sample.float().cpu())
         spent = result.nfe
     return DrawnSamples(torch.cat(outputs), labels, spent)

@@ -19,6 +19,7 @@ from ..methods.consistency.schedules import karras_sigmas
 from ..methods.consistency.mcm import segment_edges
 from ..transports import Path, Transport, broadcast_time
 from ..validation import check_batch, check_finite, check_positive_int, check_range
+from .noise import normal_noise
 from .result import SampleResult
 
 
@@ -79,7 +80,7 @@ def consistency_sample(
         t = grid[i].to(noise.dtype).expand(noise.shape[0])
         sample = transport.predict(model, state, t, labels).data
         if i + 1 < grid.numel():
-            fresh = torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)
+            fresh = normal_noise(noise.shape, generator, noise.dtype, noise.device)
             scale = torch.sqrt((sigmas[i + 1] ** 2 - sigma_min**2).clamp_min(0)).to(noise.dtype)
             state = path.gamma(grid[i + 1]).to(noise.dtype) * (sample + scale * fresh)
     trajectory = torch.stack(states + [sample]) if states is not None else None

@@ -31,6 +31,7 @@ from torch import Tensor
 from ..transports import Transport
 from ..validation import check_batch, check_choice, check_finite, check_positive_int
 from .consistency_sampler import consistency_times
+from .noise import normal_noise
 from .result import SampleResult
 
 LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
@@ -175,7 +176,7 @@ def edit(
     dtype, device = observation.dtype, observation.device
 
     def fresh_noise() -> Tensor:
-        return torch.randn(observation.shape, generator=generator, dtype=dtype).to(device)
+        return normal_noise(observation.shape, generator, dtype, device)
 
     known = subspace.replace(observation, torch.zeros_like(observation))
     state = path.gamma(grid[0]).to(dtype) * (known + sigmas[0].to(dtype) * fresh_noise())

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..transports import Transport, TrigPath
 from ..validation import check_batch, check_finite, check_positive_int
+from .noise import normal_noise
 from .result import SampleResult
 
 #: sCM's intermediate angle of its 2-step sampler (radians).
@@ -65,7 +66,7 @@ def scm_sample(
     with torch.no_grad():
         sample = transport.predict(model, noise, times[0], labels).data
         for time in times[1:]:
-            fresh = torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)
+            fresh = normal_noise(noise.shape, generator, noise.dtype, noise.device)
             states.append(transport.interpolate(sample, fresh, time))
             sample = transport.predict(model, states[-1], time, labels).data
     trajectory = torch.stack(states + [sample]) if return_trajectory else None

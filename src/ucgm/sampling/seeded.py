@@ -1,9 +1,10 @@
 """Sampling a trained network with the configured sampler, with per-sample seeded initial noise.
 
 The initial noise of sample ``i`` comes from a generator seeded by ``(seed, i)`` and its label is
-``labels[i % len(labels)]`` (``i % num_classes`` by default), so deterministic samplers give the same samples
-whatever the batch size or the split over processes. Stochastic samplers (UCGM-S with stochasticity > 0, EDM)
-draw their fresh noise from one generator per batch, seeded by ``(seed, index of the batch's first sample)``.
+``labels[i % len(labels)]`` (``i % num_classes`` by default), so samplers give the same samples whatever
+the batch size or the split over processes: the fresh noise of stochastic samplers (UCGM-S with stochasticity > 0,
+EDM churn, consistency re-noising) comes from a per-sample stream too (:class:`~ucgm.sampling.noise.PerSampleNoise`
+seeded by ``(seed, i)``, independent of the initial noise).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .guidance import ClassifierFreeGuidance
+from .noise import PerSampleNoise
 from .registry import get_sampler
 from ..transports import Transport
 from .settings import SamplingConfig
@@ -35,6 +37,12 @@ def initial_noise(seed: int, indices: range, shape: Sequence[int], device: torch
     rows = [torch.randn(tuple(shape), generator=seeded_generator(seed, SAMPLE_STREAM, index))
             for index in indices]
     return torch.stack(rows).to(device)
+
+
+def fresh_noise_source(seed: int, indices: range) -> PerSampleNoise:
+    """The per-sample streams of the noise a stochastic sampler draws for samples ``indices`` (independent of
+    their initial noise)."""
+    return PerSampleNoise(derive_seed(seed, _FRESH_NOISE), indices, SAMPLE_STREAM)
 
 
 def sample_labels(num: int, num_classes: int, labels: Optional[Sequence[int]] = None) -> Optional[Tensor]:
@@ -87,8 +95,7 @@ def generate_samples(model: nn.Module, transport: Transport, settings: SamplingC
         batch = range(start, min(start + settings.batch_size, indices.stop))
         noise = initial_noise(settings.seed, batch, shape, device)
         labels = None if all_labels is None else all_labels[batch.start:batch.stop].to(device)
-        generator = seeded_generator(derive_seed(settings.seed, _FRESH_NOISE), SAMPLE_STREAM, start)
-        result = sampler(network, transport, noise, labels, settings.nfe, generator)
+        result = sampler(network, transport, noise, labels, settings.nfe, fresh_noise_source(settings.seed, batch))
         outputs.append(result.sample.float().cpu())
         nfe = result.nfe
     return Samples(torch.cat(outputs), all_labels, nfe)

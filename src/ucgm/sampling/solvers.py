@@ -26,6 +26,7 @@ from torch import Tensor
 from ..timegrids import karras_grid, uniform_grid
 from ..transports import Transport
 from ..validation import check_batch, check_finite, check_positive_int, check_range
+from .noise import normal_noise
 from .result import SampleResult
 
 #: EDM's largest noise level (Karras et al. 2022), capped by the path's own ratio at t = 1.
@@ -250,8 +251,7 @@ def edm_stochastic_sample(
         if churn > 0 and s_tmin <= sigma <= s_tmax:
             sigma_hat = torch.minimum(sigma * (1 + churn), sigma_ceiling)
             t_hat = transport.path.time_for_ratio(sigma_hat).clamp(max=1.0)
-            fresh = torch.randn(state.shape, generator=generator, dtype=torch.float64,
-                                device=state.device if generator is None else generator.device).to(state.device)
+            fresh = normal_noise(state.shape, generator, torch.float64, state.device)
             churned = state + (sigma_hat**2 - sigma**2).sqrt() * s_noise * fresh
         slope = (churned - denoise(churned, t_hat)) / sigma_hat
         next_state = churned + (sigma_next - sigma_hat) * slope

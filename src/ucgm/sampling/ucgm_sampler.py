@@ -25,6 +25,7 @@ from torch import Tensor
 from ..timegrids import kumaraswamy_grid
 from ..transports import Transport
 from ..validation import check_batch, check_choice, check_finite, check_positive_int, check_range
+from .noise import normal_noise
 from .result import SampleResult
 
 STOCHASTICITY_SCHEDULES = ("sde", "auto")
@@ -130,7 +131,7 @@ def ucgm_sample(
             ratio = first_step_sde_ratio(transport, t_cur, t_next)
         fresh = 0.0
         if not (isinstance(ratio, float) and ratio == 0.0):
-            fresh = torch.randn(state.shape, generator=generator, dtype=torch.float64).to(state.device)
+            fresh = normal_noise(state.shape, generator, torch.float64, state.device)
         next_state = transport.gamma(t_next) * data_hat + transport.alpha(t_next) * (
             noise_hat * (1 - ratio) ** 0.5 + fresh * ratio**0.5)
         if order == 2 and i < corrected_intervals:
