@@ -1,6 +1,7 @@
 """The registry of training methods by name (``objective.name`` in a run config), grouped by family.
 
-Explicit: adding a method means adding its class here (no registration as an import side effect). A method of
+Explicit: adding a method means adding its class to its family's table (``METHOD_FAMILIES`` below, or the
+``*_METHODS`` dict of the family package), never registration as an import side effect. A method of
 one's own, outside ucgm, is named by its import path: ``objective.name=package.module:ClassName`` (a subclass of
 :class:`~ucgm.methods.base.Method` whose constructor takes ``transport`` and its options).
 """
@@ -25,6 +26,10 @@ from .consistency.scm import SCMObjective
 from .consistency.tcm import TruncatedConsistency
 from .diffusion.flow_matching import FlowMatchingObjective
 from .diffusion.ucgm import UCGMObjective
+from .discrete import DISCRETE_METHODS
+from .distillation import DISTILLATION_METHODS
+from .distribution_matching import DISTRIBUTION_MATCHING_METHODS
+from .flow_maps import FLOW_MAP_METHODS
 
 #: Method name -> class, by family.
 METHOD_FAMILIES: dict[str, dict[str, type[Method]]] = {
@@ -38,6 +43,10 @@ METHOD_FAMILIES: dict[str, dict[str, type[Method]]] = {
         "tcm": TruncatedConsistency,
         "scm": SCMObjective,
     },
+    "flow_maps": FLOW_MAP_METHODS,
+    "distribution_matching": DISTRIBUTION_MATCHING_METHODS,
+    "distillation": DISTILLATION_METHODS,
+    "discrete": DISCRETE_METHODS,
 }
 #: Every method by name.
 METHODS: dict[str, type[Method]] = {name: cls for family in METHOD_FAMILIES.values() for name, cls in family.items()}

@@ -1,0 +1,9 @@
+"""Distillation of guided and multi-step teachers (guided-model distillation with progressive step halving).
+``DISTILLATION_METHODS`` lists them by name for :mod:`ucgm.methods.registry`."""
+
+from __future__ import annotations
+
+from ..base import Method
+
+#: Method name -> class.
+DISTILLATION_METHODS: dict[str, type[Method]] = {}

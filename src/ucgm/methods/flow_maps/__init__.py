@@ -1,0 +1,9 @@
+"""Two-time flow maps ``F(x_t, t, s)`` and direct few-step models (CTM, Shortcut, MeanFlow, IMM, Align Your Flow,
+CAF, DDDM). ``FLOW_MAP_METHODS`` lists them by name for :mod:`ucgm.methods.registry`."""
+
+from __future__ import annotations
+
+from ..base import Method
+
+#: Method name -> class.
+FLOW_MAP_METHODS: dict[str, type[Method]] = {}
