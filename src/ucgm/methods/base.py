@@ -198,6 +198,11 @@ class Method:
     def set_progress(self, step: int, total_steps: Optional[int] = None) -> None:
         """Tell the method the training step it is at (curricula, warm-ups); called before every step."""
 
+    def set_seed(self, seed: int) -> None:
+        """Tell the method the run seed (``training.seed``); called once by the trainer before training. State a
+        method draws once (fixed teacher couplings, initial buffer values) is derived from it, so it is the same
+        on every process and in every run with that seed."""
+
     def tracking_decay(self, role: str, step: int) -> float:
         """EMA decay with which network ``role`` (declared with ``tracks``) follows its source before ``step``."""
         raise NotImplementedError(f"{type(self).__name__} declares no tracking network ({role!r})")

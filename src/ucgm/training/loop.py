@@ -66,6 +66,7 @@ class Trainer:
         self.context = context or DistributedContext(device=resolve_device(training.device))
         self.training = training
         self.method = method.to(self.context.device)
+        self.method.set_seed(training.seed)
         self.networks = {role: TrainedNetwork(role, setup, self.context, training.parallel)
                          for role, setup in networks.items()}
         self.schedule: list[Phase] = method.schedule()
