@@ -28,7 +28,8 @@ PRESET_DIRECTORY = Path(__file__).resolve().parent.parent / "configs"
 #: The section of a preset holding per-objective defaults, ``objectives: {NAME: {SECTION: {...}}}``.
 OBJECTIVE_DEFAULTS = "objectives"
 #: The sections an ``objectives.NAME`` entry may set.
-OBJECTIVE_DEFAULT_SECTIONS = ("model", "transport", "objective", "networks", "optimizer", "training", "sampling")
+OBJECTIVE_DEFAULT_SECTIONS = ("data", "model", "transport", "objective", "networks", "optimizer", "training",
+                              "sampling")
 
 #: ``accepted_keys(section, name)``: the option names the component ``name`` of an open section accepts, or
 #: ``None`` when unknown. Lets overrides name options a preset does not list.

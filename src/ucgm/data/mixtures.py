@@ -1,5 +1,6 @@
 """Class-conditional isotropic Gaussian mixtures with an exact oracle for their noisy marginals, 2-D toy sets, and
-the infinite dataset of fresh draws from a named mixture (:class:`MixtureDataset`).
+the dataset of fresh draws from a named mixture (:class:`MixtureDataset`; a fixed, indexed set of draws with its
+``num_samples`` option).
 
 The data density is ``p(x) = sum_k w_k N(x; mu_k, s_k^2 I)``; class ``c`` is the sub-mixture of the components
 labelled ``c`` (weights renormalised), and the null label ``num_classes`` means the whole mixture.
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from ..transports import Transport
 from ..validation import check_batch, check_choice, check_finite, check_positive_int
-from .base import AffineNormalisation, Dataset
+from .base import AffineNormalisation, Dataset, FiniteDataset
 
 
 def _as_float64(name: str, value) -> Tensor:
@@ -321,14 +322,24 @@ def make_mixture(name: str, **kwargs) -> GaussianMixture:
 
 
 class MixtureDataset(Dataset):
-    """Samples ``(D,)`` of ``make_mixture(mixture, **mixture_options)``, drawn anew for every batch.
+    """Samples ``(D,)`` of ``make_mixture(mixture, **mixture_options)``, drawn anew for every batch — or, with
+    ``num_samples``, a fixed training set of that many draws (seeded by ``sample_seed``) with dataset indices
+    (:class:`FixedMixtureDataset`, a :class:`~ucgm.data.base.FiniteDataset`), for methods that keep per-sample state
+    keyed by index (e.g. DDDM's estimate buffer) or that should see a finite set.
 
     Data stay in the mixture's own units (identity normalisation), so :attr:`mixture` is the exact oracle of the
-    model-space data. ``conditional=True`` returns the component class labels (``num_classes`` of the mixture);
-    ``conditional=False`` returns ``None`` labels and ``num_classes == 0``.
+    model-space data (of the distribution a fixed set is drawn from). ``conditional=True`` returns the component
+    class labels (``num_classes`` of the mixture); ``conditional=False`` returns ``None`` labels and
+    ``num_classes == 0``.
     """
 
-    def __init__(self, mixture: str = "8gaussians", mixture_options: Optional[dict] = None, conditional: bool = True):
+    def __new__(cls, mixture: str = "8gaussians", mixture_options: Optional[dict] = None, conditional: bool = True,
+                num_samples: Optional[int] = None, sample_seed: int = 0):
+        chosen = FixedMixtureDataset if num_samples is not None and cls is MixtureDataset else cls
+        return super().__new__(chosen)
+
+    def __init__(self, mixture: str = "8gaussians", mixture_options: Optional[dict] = None, conditional: bool = True,
+                 num_samples: Optional[int] = None, sample_seed: int = 0):
         self.mixture = make_mixture(mixture, **(mixture_options or {}))
         self.conditional = conditional
         self.num_classes = self.mixture.num_classes if conditional else 0
@@ -339,3 +350,26 @@ class MixtureDataset(Dataset):
         check_positive_int("batch_size", batch_size)
         x, labels = self.mixture.sample(batch_size, generator=generator)
         return x.to(torch.float32), labels if self.conditional else None
+
+
+class FixedMixtureDataset(MixtureDataset, FiniteDataset):
+    """``num_samples`` draws of the mixture made once from ``torch.Generator().manual_seed(sample_seed)`` and kept:
+    batches draw dataset indices uniformly (with replacement) and carry them (``Batch.indices``)."""
+
+    def __init__(self, mixture: str = "8gaussians", mixture_options: Optional[dict] = None, conditional: bool = True,
+                 num_samples: Optional[int] = None, sample_seed: int = 0):
+        super().__init__(mixture, mixture_options, conditional)
+        check_positive_int("num_samples", num_samples)
+        check_positive_int("sample_seed", sample_seed, minimum=0)
+        data, labels = self.mixture.sample(num_samples, generator=torch.Generator().manual_seed(sample_seed))
+        self.data = data.to(torch.float32)
+        self.labels = labels if conditional else None
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        return self.data[indices], None if self.labels is None else self.labels[indices]
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Optional[Tensor]]:
+        return FiniteDataset.sample_batch(self, batch_size, generator)

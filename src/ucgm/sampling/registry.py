@@ -18,6 +18,8 @@ uniform grid ``uniform_grid(N, t_max)`` (setting ``t_max``, default 1), EDM on i
 | ``cm-multistep`` | CM's multistep sampler on Karras evaluation times | N = n | n |
 | ``mcm`` | multistep consistency sampling over n segments | N = n | n |
 | ``scm`` | sCM: jump to data, re-noise at the intermediate angles | N = n | n |
+| ``caf`` | CAF: initial velocity, then N constant-acceleration steps | N = n - 1 (n >= 2) | N + 1 |
+| ``dddm`` | DDDM: n refinements of the estimate at t = 1 | N = n | n |
 | ``flow-map`` | two-time flow map: n jumps on a uniform / Karras grid, CTM's gamma-sampling | N = n | n |
 | ``shortcut`` | Shortcut: n jumps of step sizes 2^-k (dyadic grid), each conditioned on its step | N = n | n |
 
@@ -37,7 +39,9 @@ import torch
 from torch import Tensor
 
 from ..conventions import from_flow_matching_time, to_flow_matching_time, velocity_to_flow_matching
+from .caf_sampler import caf_sample
 from .consistency_sampler import consistency_sample, multistep_consistency_sample
+from .dddm_sampler import dddm_sample
 from .flow_map_sampler import dyadic_grid, flow_map_grid, flow_map_sample
 from .result import SampleResult
 from .scm_sampler import scm_sample
@@ -191,10 +195,24 @@ def _shortcut(model, transport, noise, labels, nfe, generator, return_trajectory
                            generator=generator, return_trajectory=return_trajectory)
 
 
+def _caf(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
+         **settings) -> SampleResult:
+    _check_nfe("caf", nfe, minimum=2)
+    return caf_sample(model, transport, noise, labels, steps=nfe - 1, return_trajectory=return_trajectory,
+                      **settings)
+
+
+def _dddm(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
+          **settings) -> SampleResult:
+    _check_nfe("dddm", nfe)
+    return dddm_sample(model, transport, noise, labels, steps=nfe, generator=generator,
+                       return_trajectory=return_trajectory, **settings)
+
+
 #: Samplers of any model of the probability-flow ODE / SDE.
 SOLVER_NAMES = ("ucgm", "ucgm-o2", "euler", "heun", "dpm++2m", "edm")
 #: Samplers of models trained by a particular method (each method names its own, :meth:`Method.sampler`).
-METHOD_SAMPLER_NAMES = ("cm-multistep", "mcm", "scm", "flow-map", "shortcut")
+METHOD_SAMPLER_NAMES = ("cm-multistep", "mcm", "scm", "caf", "dddm", "flow-map", "shortcut")
 SAMPLER_NAMES = SOLVER_NAMES + METHOD_SAMPLER_NAMES
 FLOW_MATCHING_SAMPLER_NAMES = ("fm-euler", "fm-midpoint")
 
@@ -210,6 +228,8 @@ SAMPLERS: dict[str, Callable[..., SampleResult]] = {
     "cm-multistep": _cm_multistep,
     "mcm": _mcm,
     "scm": _scm,
+    "caf": _caf,
+    "dddm": _dddm,
     "flow-map": _flow_map,
     "shortcut": _shortcut,
 }
@@ -219,6 +239,8 @@ ALLOWED_SETTINGS: dict[str, tuple[str, ...]] = {
     "dpm++2m": ODE_SETTINGS, "edm": EDM_SETTINGS, "fm-euler": ODE_SETTINGS, "fm-midpoint": ODE_SETTINGS,
     "cm-multistep": ("sigma_min", "sigma_max", "rho"), "mcm": ("sigma_min", "sigma_max", "sigma_data", "eta"),
     "scm": ("intermediate_angles",),
+    "caf": ("clip",),
+    "dddm": ("t_max", "clip"),
     "flow-map": ("grid", "t_max", "t_min", "sigma_min", "sigma_max", "rho", "times", "gamma", "clip"),
     "shortcut": ("clip",),
 }

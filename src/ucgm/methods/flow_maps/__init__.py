@@ -4,6 +4,11 @@ CAF, DDDM). ``FLOW_MAP_METHODS`` lists them by name for :mod:`ucgm.methods.regis
 from __future__ import annotations
 
 from ..base import Method
+from .caf import ConstantAccelerationFlowMethod
+from .dddm import DirectlyDenoisingMethod
 
 #: Method name -> class.
-FLOW_MAP_METHODS: dict[str, type[Method]] = {}
+FLOW_MAP_METHODS: dict[str, type[Method]] = {
+    "caf": ConstantAccelerationFlowMethod,
+    "dddm": DirectlyDenoisingMethod,
+}

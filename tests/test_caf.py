@@ -1,0 +1,134 @@
+"""CAF against exact answers: the kinematics reach the data for every h, the sampler is exact for an acceleration
+that does not change along the path (any N, NFE = N + 1), the couplings are made once and kept in the state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from training_fixtures import tiny_gmm_config
+
+from ucgm.cli.train import run_training
+from ucgm.methods.couplings import TeacherCouplings
+from ucgm.methods.flow_maps.caf import (
+    ConstantAccelerationFlow,
+    ConstantAccelerationFlowMethod,
+    caf_acceleration_target,
+    caf_distance,
+    caf_state,
+)
+from ucgm.sampling.caf_sampler import caf_sample
+from ucgm.sampling.registry import get_sampler
+from ucgm.training.checkpoint import read_state
+from ucgm.transports import make_transport
+
+
+def _pair(batch: int = 64, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 2, generator=generator, dtype=torch.float64),
+            torch.randn(batch, 2, generator=generator, dtype=torch.float64) + 3.0)
+
+
+@pytest.mark.parametrize("h", [0.5, 1.0, 1.5, 2.0])
+def test_the_constant_acceleration_path_reaches_the_data_and_is_the_phi_interpolation(h):
+    x0, x1 = _pair()
+    v0 = h * (x1 - x0)
+    torch.testing.assert_close(caf_state(x0, x1, v0, torch.ones(64, dtype=torch.float64)), x1)
+    torch.testing.assert_close(caf_state(x0, x1, v0, torch.zeros(64, dtype=torch.float64)), x0)
+    tau = torch.rand(64, dtype=torch.float64)
+    phi = (h * tau + (1 - h) * tau**2)[:, None]
+    torch.testing.assert_close(caf_state(x0, x1, v0, tau), (1 - phi) * x0 + phi * x1)
+    acceleration = caf_acceleration_target(x0, x1, v0)
+    # x(tau) = x0 + v0 tau + a tau^2 / 2 with the target acceleration
+    torch.testing.assert_close(caf_state(x0, x1, v0, tau), x0 + v0 * tau[:, None] + acceleration * tau[:, None] ** 2 / 2)
+    if h == 1.0:
+        assert float(acceleration.abs().max()) == 0.0  # rectified flow: no acceleration
+
+
+def test_the_one_step_estimate_of_any_intermediate_state_is_the_data():
+    """x_hat1 = x_tau + v0 (1 - tau) + (1 - tau^2) a / 2 (official get_caf_estimate with s = 1) for any v0."""
+    x0, x1 = _pair()
+    v0 = torch.randn(x0.shape, dtype=torch.float64)  # an imperfect initial velocity
+    tau = torch.rand(64, dtype=torch.float64)[:, None]
+    x_tau = caf_state(x0, x1, v0, tau[:, 0])
+    estimate = x_tau + v0 * (1 - tau) + 0.5 * (1 - tau**2) * caf_acceleration_target(x0, x1, v0)
+    torch.testing.assert_close(estimate, x1)
+
+
+class ExactPairFlow(ConstantAccelerationFlow):
+    """The exact CAF of known pairs: v0 = h (x1 - x0) and the constant acceleration a* (independent of x)."""
+
+    def __init__(self, x1, h):
+        super().__init__(torch.nn.Identity(), torch.nn.Identity())
+        self.x1, self.h, self.calls = x1, h, 0
+
+    def initial_velocity(self, noise, labels=None):
+        self.calls += 1
+        return self.h * (self.x1 - noise)
+
+    def acceleration(self, x, tau, labels, initial_velocity):
+        self.calls += 1
+        x0 = self.x1 - initial_velocity / self.h
+        return caf_acceleration_target(x0, self.x1, initial_velocity)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 8])
+def test_the_sampler_is_exact_for_a_constant_acceleration_at_every_step_count(steps):
+    x0, x1 = _pair()
+    model = ExactPairFlow(x1, h=1.5)
+    result = caf_sample(model, make_transport("linear"), x0, steps=steps, return_trajectory=True)
+    torch.testing.assert_close(result.sample, x1)
+    assert result.nfe == steps + 1 == model.calls
+    assert result.trajectory.shape == (steps + 1, 64, 2) and torch.equal(result.trajectory[0], x0)
+    by_budget = get_sampler("caf")(ExactPairFlow(x1, 1.5), make_transport("linear"), x0, None, steps + 1, None)
+    torch.testing.assert_close(by_budget.sample, x1)
+    assert by_budget.nfe == steps + 1
+
+
+def test_one_nfe_is_below_the_caf_budget_and_other_samplers_are_refused():
+    x0, x1 = _pair(4)
+    with pytest.raises(ValueError, match="smallest budget 2"):
+        get_sampler("caf")(ExactPairFlow(x1, 1.5), make_transport("linear"), x0, None, 1, None)
+    with pytest.raises(TypeError, match="--sampler caf"):
+        ConstantAccelerationFlow(torch.nn.Identity(), torch.nn.Identity())(x0, torch.ones(4))
+    clipped = caf_sample(ExactPairFlow(x1, 1.5), make_transport("linear"), x0, steps=2, clip=1.0).sample
+    assert float(clipped.max()) == 1.0
+
+
+def test_huber_distance_is_the_official_pseudo_huber():
+    prediction, target = torch.randn(5, 1, 4, 4), torch.randn(5, 1, 4, 4)
+    constant = 0.00054 * 16
+    expected = (torch.sqrt(((prediction - target) ** 2).sum(dim=(1, 2, 3)) + constant**2) - constant) / 16
+    torch.testing.assert_close(caf_distance(prediction, target, "huber"), expected)
+    torch.testing.assert_close(caf_distance(prediction, target, "l2"), ((prediction - target) ** 2).mean(dim=(1, 2, 3)))
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="distance"):
+        ConstantAccelerationFlowMethod(distance="lpips")
+    with pytest.raises(ValueError, match="teacher_transport"):
+        ConstantAccelerationFlowMethod(teacher_transport="linear")
+
+
+def test_couplings_are_generated_once_kept_in_the_state_and_not_regenerated_on_resume(tmp_path, monkeypatch):
+    calls = []
+    original = TeacherCouplings.generate
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.size)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TeacherCouplings, "generate", counting)
+    overrides = ["objective=caf", "objective.num_couplings=512", "objective.teacher_steps=16",
+                 "training.checkpoint_every=3", "training.log_every=1"]
+    run_training(tiny_gmm_config(*overrides, "training.steps=3"), tmp_path / "run", progress=False)
+    assert calls == [512]
+    first = read_state(tmp_path / "run" / "checkpoints" / "step_0000003")["method"]["couplings"]
+    run_training(tiny_gmm_config(*overrides, "training.steps=6"), tmp_path / "run", progress=False)
+    assert calls == [512]  # resumed from the checkpoint, not regenerated
+    later = read_state(tmp_path / "run" / "checkpoints" / "step_0000006")["method"]["couplings"]
+    assert all(torch.equal(first[key], later[key]) for key in ("noise", "samples", "labels"))
+    # the pairs are the teacher's ODE solutions: the exact oracle puts each sample near its labelled mode
+    from ucgm.data.mixtures import make_mixture
+
+    modes = make_mixture("8gaussians").means[later["labels"]].float()
+    assert float((later["samples"] - modes).norm(dim=1).max()) < 0.35
