@@ -20,6 +20,8 @@ uniform grid ``uniform_grid(N, t_max)`` (setting ``t_max``, default 1), EDM on i
 | ``scm`` | sCM: jump to data, re-noise at the intermediate angles | N = n | n |
 | ``caf`` | CAF: initial velocity, then N constant-acceleration steps | N = n - 1 (n >= 2) | N + 1 |
 | ``dddm`` | DDDM: n refinements of the estimate at t = 1 | N = n | n |
+| ``ddim`` | DDIM on a uniform grid (progressive / guided distillation) | N = n | n |
+| ``ddim-stochastic`` | Meng et al.'s stochastic DDIM: 2-interval jump, 1-interval re-noise | N = n | n |
 | ``flow-map`` | two-time flow map: n jumps on a uniform / Karras grid, CTM's gamma-sampling | N = n | n |
 | ``shortcut`` | Shortcut: n jumps of step sizes 2^-k (dyadic grid), each conditioned on its step | N = n | n |
 
@@ -42,6 +44,7 @@ from ..conventions import from_flow_matching_time, to_flow_matching_time, veloci
 from .caf_sampler import caf_sample
 from .consistency_sampler import consistency_sample, multistep_consistency_sample
 from .dddm_sampler import dddm_sample
+from .ddim_sampler import ddim_sample, stochastic_ddim_sample
 from .flow_map_sampler import dyadic_grid, flow_map_grid, flow_map_sample
 from .result import SampleResult
 from .scm_sampler import scm_sample
@@ -209,10 +212,20 @@ def _dddm(model, transport, noise, labels, nfe, generator, return_trajectory: bo
                        return_trajectory=return_trajectory, **settings)
 
 
+def _ddim(stochastic: bool, model, transport, noise, labels, nfe, generator, return_trajectory: bool = False
+          ) -> SampleResult:
+    _check_nfe("ddim-stochastic" if stochastic else "ddim", nfe)
+    if stochastic:
+        return stochastic_ddim_sample(model, transport, noise, labels, steps=nfe, generator=generator,
+                                      return_trajectory=return_trajectory)
+    return ddim_sample(model, transport, noise, labels, steps=nfe, return_trajectory=return_trajectory)
+
+
 #: Samplers of any model of the probability-flow ODE / SDE.
 SOLVER_NAMES = ("ucgm", "ucgm-o2", "euler", "heun", "dpm++2m", "edm")
 #: Samplers of models trained by a particular method (each method names its own, :meth:`Method.sampler`).
-METHOD_SAMPLER_NAMES = ("cm-multistep", "mcm", "scm", "caf", "dddm", "flow-map", "shortcut")
+METHOD_SAMPLER_NAMES = ("cm-multistep", "mcm", "scm", "caf", "dddm", "ddim", "ddim-stochastic", "flow-map",
+                        "shortcut")
 SAMPLER_NAMES = SOLVER_NAMES + METHOD_SAMPLER_NAMES
 FLOW_MATCHING_SAMPLER_NAMES = ("fm-euler", "fm-midpoint")
 
@@ -230,6 +243,8 @@ SAMPLERS: dict[str, Callable[..., SampleResult]] = {
     "scm": _scm,
     "caf": _caf,
     "dddm": _dddm,
+    "ddim": functools.partial(_ddim, False),
+    "ddim-stochastic": functools.partial(_ddim, True),
     "flow-map": _flow_map,
     "shortcut": _shortcut,
 }
@@ -241,6 +256,7 @@ ALLOWED_SETTINGS: dict[str, tuple[str, ...]] = {
     "scm": ("intermediate_angles",),
     "caf": ("clip",),
     "dddm": ("t_max", "clip"),
+    "ddim": (), "ddim-stochastic": (),
     "flow-map": ("grid", "t_max", "t_min", "sigma_min", "sigma_max", "rho", "times", "gamma", "clip"),
     "shortcut": ("clip",),
 }

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from ..base import Method
+from .guided import GuidedDistillation
 
 #: Method name -> class.
-DISTILLATION_METHODS: dict[str, type[Method]] = {}
+DISTILLATION_METHODS: dict[str, type[Method]] = {"guided_distillation": GuidedDistillation}
