@@ -4,6 +4,7 @@ its round teachers, the DDIM samplers' budgets, the CLI run with its own sampler
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import subprocess
@@ -31,6 +32,7 @@ from ucgm.sampling.guidance import ClassifierFreeGuidance
 from ucgm.sampling.noise import PerSampleNoise
 from ucgm.sampling.registry import get_sampler
 from ucgm.training.checkpoint import complete_checkpoints, read_weights
+from ucgm.training.loading import load_checkpoint_model
 from ucgm.transports import make_transport
 
 ORACLE = "oracle:8gaussians"
@@ -222,7 +224,8 @@ def test_cli_run_trains_every_round_and_samples_with_its_own_sampler(tmp_path):
     assert main(["train", "gmm", *GD, "--run-dir", str(run_dir), "--steps", "30", "--checkpoint-every", "2",
                  "--log-every", "1", "--no-progress", *TINY_GMM]) == 0
     records = read_stats(run_dir / "stats.jsonl")
-    curriculum = DistillationCurriculum(30, 0.5, 64, 4)
+    method = load_checkpoint_model(run_dir).method
+    curriculum = DistillationCurriculum(30, method.stage1_fraction, method.teacher_steps, method.student_steps)
     assert [(r["distillation_round"], r["student_steps"]) for r in records] == [
         tuple(map(float, curriculum.stage_at(r["step"] - 1))) for r in records]
     assert {r["distillation_round"] for r in records} == {0.0, 1.0, 2.0, 3.0, 4.0}
@@ -269,3 +272,27 @@ def test_sigkill_then_rerun_resumes_the_curriculum_exactly(tmp_path):
     keys = ("step", "loss", "distillation_round", "student_steps", "lr")
     got = read_stats(run_dir / "stats.jsonl")
     assert [[r[key] for key in keys] for r in got] == [[r[key] for key in keys] for r in expected]
+
+
+# ------------------------------------------------------------------------------------------------ bench rows
+def test_bench_rows_at_toy_size(tmp_path, monkeypatch):
+    from ucgm.bench import guided_distillation as bench
+
+    tiny = bench.GuidedSizes(gmm_steps=40, digits_teacher_steps=2, digits_steps=40, num_gmm=64, num_reference=256,
+                             num_digits=64)
+    monkeypatch.setattr(bench, "QUICK", tiny)
+    rows = bench.guided_distillation_records(True, tmp_path)
+    assert all(set(row) == {"dataset", "method", "sampler", "nfe", "metric", "value"} for row in rows)
+    keys = {(row["dataset"], row["method"], row["sampler"], row["nfe"], row["metric"]) for row in rows}
+    for metric in ("sliced_w2", "mode_coverage", "sliced_w2_to_teacher", "class_std"):
+        assert {("gmm", "guided_distillation", "ddim", nfe, metric) for nfe in (1, 2, 4)} <= keys
+        assert {("gmm", "cfg_teacher", "ddim", nfe, metric) for nfe in (1, 2, 4, 64)} <= keys
+        assert {("gmm", "guided_distillation", "ddim-stochastic", nfe, metric) for nfe in (2, 4)} <= keys
+    assert {("digits", "guided_distillation", "ddim", nfe, "digits_fd") for nfe in (1, 2, 4)} <= keys
+    assert ("digits", "cfg_teacher", "ddim", 64, "digits_fd") in keys
+    assert all(math.isfinite(row["value"]) for row in rows)
+    coverage = [row["value"] for row in rows if row["metric"] == "mode_coverage"]
+    assert all(0 <= value <= 1 for value in coverage)
+    floor = {row["metric"]: row["value"] for row in rows if row["method"] == "reference data"
+             and row["dataset"] == "gmm"}
+    assert floor["mode_coverage"] == 1.0 and floor["class_std"] == pytest.approx(0.05, rel=0.3)
