@@ -6,9 +6,11 @@ from __future__ import annotations
 from ..base import Method
 from .caf import ConstantAccelerationFlowMethod
 from .dddm import DirectlyDenoisingMethod
+from .imm import InductiveMomentMatching
 
 #: Method name -> class.
 FLOW_MAP_METHODS: dict[str, type[Method]] = {
     "caf": ConstantAccelerationFlowMethod,
     "dddm": DirectlyDenoisingMethod,
+    "imm": InductiveMomentMatching,
 }

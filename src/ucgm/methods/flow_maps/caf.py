@@ -112,7 +112,8 @@ class ConstantAccelerationFlowMethod(Method):
     ``teacher``: ``"oracle:<mixture>"``, ``"checkpoint:<path>"`` or a model (:class:`~ucgm.methods.teachers.Teacher`)
     whose ODE makes ``num_couplings`` pairs with ``teacher_steps`` steps of ``teacher_solver``; ``None`` pairs fresh
     noise with the data batch. ``initial_velocity_scale`` = h; ``time_steps`` = T of the discrete ``tau`` grid;
-    ``distance`` ``l2`` | ``huber``; ``label_dropout`` drops labels to the null label (classifier-free guidance).
+    ``distance`` ``l2`` | ``huber``; ``label_dropout`` drops labels to the null label (classifier-free guidance);
+    ``clip`` clamps the samples of its sampler (official: 1 for images in [-1, 1]).
     """
 
     family = "flow_maps"
@@ -131,8 +132,12 @@ class ConstantAccelerationFlowMethod(Method):
         distance: str = "l2",
         label_dropout: float = 0.0,
         null_label: Optional[int] = None,
+        clip: Optional[float] = None,
     ):
         self.transport = make_transport(transport) if isinstance(transport, str) else transport
+        if clip is not None:
+            check_range("clip", clip, 0.0, float("inf"))
+        self.clip = clip
         check_positive_int("num_couplings", num_couplings)
         check_positive_int("teacher_steps", teacher_steps)
         check_choice("teacher_solver", teacher_solver, PROBABILITY_FLOW_SOLVERS)
@@ -221,7 +226,8 @@ class ConstantAccelerationFlowMethod(Method):
 
     # --------------------------------------------------------------------------------------- sampling
     def sampler(self) -> tuple[str, dict]:
-        return "caf", {}
+        """The ``caf`` sampler, clamping samples to ``[-clip, clip]`` when ``clip`` is set."""
+        return "caf", {} if self.clip is None else {"clip": self.clip}
 
     def sampling_roles(self) -> tuple[str, ...]:
         return ("model", VELOCITY_ROLE)

@@ -77,7 +77,8 @@ def visit_weight(visits: Tensor) -> Tensor:
 
 class DirectlyDenoisingMethod(Method):
     """DDDM on the run's transport (see the module docstring). Needs a finite dataset whose batches carry dataset
-    indices (``data.num_samples=N`` on the mixture presets). ``label_dropout`` drops labels to the null label."""
+    indices (``data.num_samples=N`` on the mixture presets). ``label_dropout`` drops labels to the null label;
+    ``clip`` clamps the sampler's estimates (official: 1 for images in [-1, 1])."""
 
     family = "flow_maps"
     default_sampler = "dddm"
@@ -85,8 +86,11 @@ class DirectlyDenoisingMethod(Method):
     def __init__(self, transport: Transport | str = "linear", time_distribution: str = "vp",
                  diffusion_steps: int = 1000, beta_range: Sequence[float] = (0.01, 50.0), distance: str = "l2",
                  huber_constant: float = DDDM_HUBER_CONSTANT, label_dropout: float = 0.0,
-                 null_label: Optional[int] = None):
+                 null_label: Optional[int] = None, clip: Optional[float] = None):
         self.transport = make_transport(transport) if isinstance(transport, str) else transport
+        if clip is not None:
+            check_range("clip", clip, 0.0, float("inf"))
+        self.clip = clip
         check_choice("time_distribution", time_distribution, DDDM_TIME_DISTRIBUTIONS)
         check_positive_int("diffusion_steps", diffusion_steps)
         if len(beta_range) != 2 or not 0 < beta_range[0] <= beta_range[1] < diffusion_steps:
@@ -148,4 +152,5 @@ class DirectlyDenoisingMethod(Method):
                                {"dddm_guide_weight": weight.mean().detach()})
 
     def sampler(self) -> tuple[str, dict]:
-        return "dddm", {}
+        """The ``dddm`` sampler, clamping every estimate to ``[-clip, clip]`` when ``clip`` is set."""
+        return "dddm", {} if self.clip is None else {"clip": self.clip}
