@@ -1,4 +1,5 @@
-"""UCGM-T objective: closed forms, tangents, batching of extra passes, reproducibility and input errors."""
+"""UCGM-T objective: closed forms, tangents, its extra passes and their dropout masks, reproducibility, warnings and
+input errors."""
 
 import math
 
@@ -79,14 +80,14 @@ def test_finite_difference_tangent_agrees_with_jvp(transport_name):
     assert cosine > 0.999
 
 
-def test_lambda_one_target_formula_and_batched_passes():
+def test_lambda_one_target_formula_and_passes():
     model = TinyModel()
     data, noise, time, labels = _batch(seed=3)
     objective = UCGMObjective("linear", consistency_ratio=1.0, label_dropout=0.0)
     model.calls.clear()
     got = objective(model, data, labels, time=time, noise=noise)
-    # one pass with gradient, one batched no-grad pass for t + eps and t - eps
-    assert model.calls == [(16, True), (32, False)]
+    # one pass with gradient, one no-grad pass each for t + eps and t - eps (each sees the online dropout masks)
+    assert model.calls == [(16, True), (16, False), (16, False)]
     with torch.no_grad():
         x_t = (1 - time[:, None]) * data + time[:, None] * noise
         output = model(x_t, time, labels)
@@ -125,7 +126,7 @@ def test_enhanced_target_rules_and_pass_counts():
     data, noise, time, labels = _batch(seed=5)
     labels[-4:] = 3  # dropped rows carry the null label
     time[:6] = 0.9  # outside the enhanced range (0, 0.75)
-    for style, expected_reference_calls in (("ft-vs-fe", [(16, False)]), ("fc-vs-fe", [(32, False)]),
+    for style, expected_reference_calls in (("ft-vs-fe", [(16, False)]), ("fc-vs-fe", [(16, False)] * 2),
                                             ("fc-vs-xz", [(16, False)])):
         objective = UCGMObjective("linear", enhanced_ratio=0.5, enhanced_style=style, label_dropout=0.0)
         model.calls.clear(), reference.calls.clear()
@@ -147,6 +148,59 @@ def test_enhanced_target_rules_and_pass_counts():
                                  (truth + conditional) / 2)
             target = torch.where((labels == 3)[:, None], (truth + unconditional) / 2, target)
         torch.testing.assert_close(got.loss, ((online - target) ** 2).mean(1).sqrt().mean(), rtol=1e-5, atol=1e-6)
+
+
+class MaskRecorder(torch.nn.Module):
+    """Output = x times a dropout mask of a fixed width (the same for every batch size); records the masks."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout = torch.nn.Dropout(0.5)
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.masks = []
+
+    def forward(self, x, t, labels=None):
+        mask = self.dropout(torch.ones(x.shape[0], 64))
+        self.masks.append(mask)
+        return self.scale * x * mask[:, :x.shape[1]]
+
+
+@pytest.mark.parametrize("options", [
+    {"consistency_ratio": 1.0},
+    {"consistency_ratio": 1.0, "tangent": "jvp"},
+    {"consistency_ratio": 0.5},
+    {"enhanced_ratio": 0.5, "enhanced_style": "ft-vs-fe"},
+    {"enhanced_ratio": 0.5, "enhanced_style": "fc-vs-fe"},
+    {"consistency_ratio": 1.0, "enhanced_ratio": 0.5, "enhanced_style": "fc-vs-xz"},
+])
+def test_every_extra_pass_sees_the_online_dropout_masks_drawn_from_the_generator(options):
+    """The official code restores the online pass's RNG state before its tangent and enhanced-target passes; ucgm
+    runs every pass of a loss under one dropout seed drawn from the batch generator (the policy of every method)."""
+    model, reference = MaskRecorder().train(), MaskRecorder().train()
+    data, noise, time, labels = _batch()
+    objective = UCGMObjective("linear", label_dropout=0.0, **options)
+    state = torch.get_rng_state()
+    objective(model, data, labels, reference_model=reference, time=time, noise=noise,
+              generator=torch.Generator().manual_seed(1))
+    assert torch.equal(torch.get_rng_state(), state)  # no draw leaks into the global generator
+    masks = model.masks + reference.masks
+    assert len(masks) >= 2 and all(torch.equal(mask, masks[0]) for mask in masks)
+    model.masks.clear()
+    objective(model, data, labels, reference_model=reference, time=time, noise=noise,
+              generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(model.masks[0], masks[0])  # another generator, other masks
+
+
+def test_remapped_enhanced_ratio_and_label_dropout_without_a_null_label_warn():
+    with pytest.warns(UserWarning, match=r"enhanced_ratio=2.0 >= 1 .* \(r - 1\) / r = 0.5"):
+        objective = UCGMObjective("linear", enhanced_ratio=2.0)
+    assert objective.enhanced_ratio == 0.5
+    model = TinyModel()
+    model.num_classes = None
+    data, noise, time, labels = _batch()
+    with pytest.warns(RuntimeWarning, match="label_dropout=0.1 is ignored: the model has no null label"):
+        UCGMObjective("linear")(model, data, labels, time=time, noise=noise)
 
 
 def test_reproducible_from_generator_and_explicit_inputs():

@@ -1,6 +1,7 @@
 """sCM: JVP against finite-difference tangents, the 'auto' fallback, the tangent formulas, adaptive weighting, DDP,
 the relation to UCGM-T, sCT / sCD on the 8-Gaussians mixture, the few-step sampler and input errors."""
 
+import functools
 import math
 import warnings
 
@@ -13,9 +14,10 @@ from ucgm.metrics import sliced_wasserstein
 from ucgm.models.mlp import MLP
 from ucgm.methods import FlowMatchingObjective, SCMObjective, UCGMObjective, build_method
 from ucgm.methods.consistency.adaptive_weighting import AdaptiveWeighting
-from ucgm.methods.consistency.scm import sample_trigflow_time
+from ucgm.methods.base import shared_randomness
+from ucgm.methods.consistency import scm as scm_module
+from ucgm.methods.consistency.scm import jvp_unsupported, sample_trigflow_time
 from ucgm.methods.consistency.scm_tangent import (
-    capture_random_state,
     normalise_tangent,
     output_derivative_finite_difference,
     output_derivative_jvp,
@@ -65,6 +67,11 @@ class NoForwardADNetwork(torch.nn.Module):
         return _DoubleWithoutForwardAD.apply(self.inner(x, t, labels))
 
 
+def same_dropout(device=torch.device("cpu"), seed=0):
+    """The network-randomness context of one loss (what the objective passes its tangent passes)."""
+    return functools.partial(shared_randomness, seed, device)
+
+
 def batch(n=64, seed=0, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
     data = torch.randn(n, 2, generator=generator, dtype=dtype)
@@ -88,7 +95,7 @@ def tangents_both_ways(model, data, noise, time, labels, velocity=None):
     x_t = TRIGFLOW.interpolate(data, noise, time)
     on_pair = velocity is None
     velocity = TRIGFLOW.target(data, noise, time) if on_pair else velocity
-    state = capture_random_state(data.device)
+    state = same_dropout(data.device)
     angle = HALF_PI * time.double()
     with torch.no_grad():
         output = TRIGFLOW.network_output(model, x_t, time, labels)
@@ -129,15 +136,15 @@ def test_finite_difference_passes_replay_the_dropout_masks_of_the_online_pass():
     gradients = []
     for method in ("jvp", "finite_difference"):
         model.zero_grad()
-        torch.manual_seed(11)
         objective = SCMObjective(tangent_method=method, tangent_warmup_steps=0, adaptive_weighting=False)
-        objective(model, data, labels, time=time, noise=noise).loss.backward()
+        objective(model, data, labels, time=time, noise=noise, generator=torch.Generator().manual_seed(11)
+                  ).loss.backward()
         gradients.append(flat_gradient(model))
     assert cosine(*gradients) > 0.99  # with fresh masks the difference quotient would be mask noise / 2d
-    model.eval()
     state = torch.get_rng_state()
-    SCMObjective(tangent_method="finite_difference")(model, data, labels, time=time, noise=noise)
-    assert torch.equal(state, torch.get_rng_state())  # the extra passes leave the global generator untouched
+    SCMObjective(tangent_method="finite_difference")(model, data, labels, time=time, noise=noise,
+                                                     generator=torch.Generator().manual_seed(11))
+    assert torch.equal(state, torch.get_rng_state())  # every pass draws its dropout from the batch generator
 
 
 def test_auto_falls_back_to_finite_differences_once_with_a_warning():
@@ -146,15 +153,52 @@ def test_auto_falls_back_to_finite_differences_once_with_a_warning():
     with pytest.raises(RuntimeError):
         SCMObjective(tangent_method="jvp")(model, data, labels, time=time, noise=noise)
     objective = SCMObjective(tangent_method="auto")
-    with pytest.warns(RuntimeWarning, match="forward-mode AD failed"):
+    with pytest.warns(RuntimeWarning, match="forward-mode AD is not supported by this model"):
         first = objective(model, data, labels, time=time, noise=noise)
     assert objective.method_in_use == "finite_difference"
+    assert objective.state_dict() == {"tangent_method_in_use": "finite_difference"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         second = objective(model, data, labels, time=time, noise=noise)
     reference = SCMObjective(tangent_method="finite_difference")(model, data, labels, time=time, noise=noise)
     torch.testing.assert_close(first.per_sample, reference.per_sample)
     torch.testing.assert_close(second.per_sample, reference.per_sample)
+
+
+def test_auto_tangent_never_falls_back_on_other_errors_and_its_choice_is_checkpointed(monkeypatch):
+    """Only "forward-mode AD unsupported" switches to finite differences: out of memory (a RuntimeError too) and
+    other failures propagate; a model that supports JVP is decided once for JVP; a resumed objective keeps the
+    decision without probing again."""
+    data, noise, time, labels = batch()
+    assert jvp_unsupported(NotImplementedError("You must implement the jvp function"))
+    assert jvp_unsupported(RuntimeError("Trying to use forward AD with _efficient_attention that does not support it"))
+    assert not jvp_unsupported(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not jvp_unsupported(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(scm_module, "output_derivative_jvp", out_of_memory)
+        objective = SCMObjective(tangent_method="auto")
+        with pytest.raises(torch.OutOfMemoryError):
+            objective(small_network(), data, labels, time=time, noise=noise)
+        assert objective.method_in_use == "auto"  # undecided: no silent switch
+
+    supported = SCMObjective(tangent_method="auto")
+    supported(small_network(), data, labels, time=time, noise=noise)
+    assert supported.state_dict() == {"tangent_method_in_use": "jvp"}
+    resumed = SCMObjective(tangent_method="auto")
+    resumed.load_state_dict(SCMObjective(tangent_method="auto", adaptive_weighting=False).state_dict() |
+                            {"tangent_method_in_use": "finite_difference"})
+    calls = []
+    monkeypatch.setattr(scm_module, "output_derivative_jvp", lambda *args, **kwargs: calls.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed(NoForwardADNetwork(), data, labels, time=time, noise=noise)
+    assert resumed.method_in_use == "finite_difference" and not calls
+    with pytest.raises(ValueError, match="the checkpoint used tangent_method='finite_difference'"):
+        SCMObjective(tangent_method="jvp").load_state_dict({"tangent_method_in_use": "finite_difference"})
 
 
 def test_tangent_formula_warmup_and_normalisation():
@@ -258,7 +302,7 @@ def test_ucgm_lambda_one_trigflow_loss_and_gradient_from_the_scm_tangent():
     velocity = TRIGFLOW.target(data, noise, time)
     with torch.no_grad():
         derivative = output_derivative_jvp(scm_model, TRIGFLOW, x_t, time, velocity, labels,
-                                           capture_random_state(data.device))
+                                           same_dropout(data.device))
         tangent = scm_tangent(output, velocity, x_t, derivative, HALF_PI * time, 1.0, sigma_data)
         data_prediction_rate = HALF_PI * tangent / (sigma_data * torch.cos(HALF_PI * time)[:, None])
         target = output + 4 * torch.clamp(data_prediction_rate, -1, 1)
@@ -283,7 +327,7 @@ def test_ucgm_and_scm_finite_differences_agree_to_second_order():
         output = TRIGFLOW.network_output(model, x_t, time, labels)
         derivative = output_derivative_finite_difference(
             model, TRIGFLOW, lambda offset: TRIGFLOW.interpolate(data, noise, (angle + offset) / HALF_PI), angle,
-            torch.full_like(angle, 0.005 * HALF_PI), labels, capture_random_state(data.device), torch.float64)
+            torch.full_like(angle, 0.005 * HALF_PI), labels, same_dropout(data.device), torch.float64)
         tangent = scm_tangent(output, velocity, x_t, derivative, angle, 1.0, 1.0)
     scm_rate = HALF_PI * tangent / torch.cos(angle)[:, None]
     scale = float(exact.abs().max())

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .transports import Path
+from .transports import EDM_SIGMA_MAX, EDM_SIGMA_MIN, Path
 from .validation import check_positive_int
 
 
@@ -46,19 +46,33 @@ def uniform_grid(steps: int, t_max: float = 1.0, t_min: float = 0.0, dtype: torc
     return torch.linspace(t_max, t_min, steps + 1, dtype=dtype)
 
 
+def karras_sigmas(num_points: int, sigma_min: float = EDM_SIGMA_MIN, sigma_max: float = EDM_SIGMA_MAX,
+                  rho: float = 7.0) -> Tensor:
+    """EDM's noise levels ``sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``,
+    ``i = 0..N-1`` (float64, decreasing; ``sigma_0 = sigma_max`` and ``sigma_{N-1} = sigma_min`` exactly; ``N = 1``
+    gives ``sigma_max``): the one Karras grid of ucgm (samplers, consistency curricula)."""
+    check_positive_int("num_points", num_points)
+    if not rho > 0:
+        raise ValueError(f"rho={rho!r} must be positive")
+    fraction = torch.arange(num_points, dtype=torch.float64) / max(num_points - 1, 1)
+    top, bottom = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    sigmas = (top + fraction * (bottom - top)) ** rho
+    sigmas[0] = sigma_max
+    if num_points > 1:
+        sigmas[-1] = sigma_min
+    return sigmas
+
+
 def karras_grid(
     steps: int,
     path: Path,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
+    sigma_min: float = EDM_SIGMA_MIN,
+    sigma_max: float = EDM_SIGMA_MAX,
     rho: float = 7.0,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """EDM's grid ``sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`` over the
-    noise-to-signal ratio ``sigma = alpha/gamma``, mapped to the path's time, followed by 0."""
+    """The ``steps`` noise levels of :func:`karras_sigmas` mapped to the path's time (``path.time_for_sigma``,
+    clamped to [0, 1]), followed by 0."""
     check_positive_int("steps", steps)
-    i = torch.arange(steps, dtype=dtype)
-    denominator = max(steps - 1, 1)
-    sigmas = (sigma_max ** (1 / rho) + i / denominator * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    times = path.time_for_ratio(sigmas).clamp(0.0, 1.0)
+    times = path.time_for_sigma(karras_sigmas(steps, sigma_min, sigma_max, rho)).clamp(0.0, 1.0).to(dtype)
     return torch.cat([times, torch.zeros(1, dtype=dtype)])

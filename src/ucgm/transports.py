@@ -23,6 +23,11 @@ from torch import Tensor
 
 #: The official UCGM code writes every pi/2 as this rounded constant; parity with it needs the same value.
 OFFICIAL_HALF_PI = 1.57
+#: EDM's noise range and data standard deviation (Karras et al. 2022; CM's defaults), in noise levels
+#: ``sigma = alpha(t) / gamma(t)``.
+EDM_SIGMA_MIN = 0.002
+EDM_SIGMA_MAX = 80.0
+EDM_SIGMA_DATA = 0.5
 #: Model conditions that are times (a flow map's target time ``s``): transports convert them like ``t``.
 TIME_CONDITIONS = ("s",)
 
@@ -58,6 +63,19 @@ class Path:
     def time_for_ratio(self, ratio: Tensor) -> Tensor:
         """The time at which the noise-to-signal ratio ``alpha(t) / gamma(t)`` equals ``ratio``."""
         raise NotImplementedError
+
+    def sigma(self, t: Tensor) -> Tensor:
+        """The EDM noise level ``sigma(t) = alpha(t) / gamma(t)`` of ``x_t`` (``x_t / gamma = x + sigma z``)."""
+        return self.alpha(t) / self.gamma(t)
+
+    def time_for_sigma(self, sigma: Tensor) -> Tensor:
+        """The inverse of :meth:`sigma` in float64: ``time_for_ratio(sigma)``, with ``sigma = inf`` at ``t = 1`` (the
+        one noise-level-to-time conversion of ucgm; a path may map a sigma outside its range to a time outside
+        [0, 1])."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        infinite = torch.isinf(sigma)
+        times = self.time_for_ratio(torch.where(infinite, torch.zeros_like(sigma), sigma))
+        return torch.where(infinite, torch.ones_like(times), times)
 
 
 class LinearPath(Path):
@@ -117,7 +135,7 @@ class EDMPath(Path):
 
     name = "edm"
 
-    def __init__(self, sigma_data: float = 0.5, slope: float = 2.68, offset: float = 1.59):
+    def __init__(self, sigma_data: float = EDM_SIGMA_DATA, slope: float = 2.68, offset: float = 1.59):
         self.sigma_data, self.slope, self.offset = sigma_data, slope, offset
 
     def sigma(self, t: Tensor) -> Tensor:
@@ -257,7 +275,7 @@ class Transport:
     network_time: Callable[[Tensor], Tensor] = _identity
     output_sign: float = 1.0
     input_scale: Optional[Callable[[Tensor], Tensor]] = None
-    sigma_data: float = 0.5
+    sigma_data: float = EDM_SIGMA_DATA
     name: str = "custom"
 
     def __post_init__(self):
@@ -360,7 +378,7 @@ def make_transport(
     name: str,
     parameterisation: Optional[str] = None,
     half_pi: float = math.pi / 2,
-    sigma_data: float = 0.5,
+    sigma_data: float = EDM_SIGMA_DATA,
 ) -> Transport:
     """Build a named transport (case-insensitive; the official spellings ``Linear``, ``TrigFlow`` ... work).
 
@@ -394,7 +412,7 @@ def make_transport(
     return transport
 
 
-def edm_denoiser_transport(sigma_data: float = 0.5) -> Transport:
+def edm_denoiser_transport(sigma_data: float = EDM_SIGMA_DATA) -> Transport:
     """A transport for a raw EDM denoiser ``D(x + sigma z; sigma) -> x``: the network receives ``x_t / gamma``
     and ``sigma(t)``, and its output is the data prediction."""
     path = EDMPath(sigma_data)

@@ -18,6 +18,8 @@ A one-network method subclasses :class:`Objective` and only implements ``__call_
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterator, Mapping, NamedTuple, Optional
 
@@ -47,8 +49,13 @@ def resolve_null_label(model: Callable, null_label: Optional[int]) -> Optional[i
 def drop_labels(labels: Optional[Tensor], probability: float, null_label: Optional[int],
                 generator: Optional[torch.Generator] = None) -> Optional[Tensor]:
     """Replace each label by ``null_label`` with ``probability`` (classifier-free guidance training); labels pass
-    unchanged when there are none, no null label, or ``probability == 0``."""
-    if labels is None or null_label is None or probability == 0:
+    unchanged when there are none or ``probability == 0``, and, with a warning, when there is no null label."""
+    if labels is None or probability == 0:
+        return labels
+    if null_label is None:
+        warnings.warn(f"label_dropout={probability} is ignored: the model has no null label (num_classes) and "
+                      f"null_label is not set; set null_label, or label_dropout=0 to silence this warning",
+                      RuntimeWarning, stacklevel=2)
         return labels
     keep = torch.rand(labels.shape[0], generator=generator).to(labels.device) >= probability
     return torch.where(keep, labels, torch.full_like(labels, null_label))
@@ -61,6 +68,29 @@ def draw_noise(data: Tensor, noise: Optional[Tensor], generator: Optional[torch.
     check_same_shape("noise", noise, "data", data)
     check_finite("noise", noise)
     return noise
+
+
+def dropout_seed(generator: Optional[torch.Generator]) -> int:
+    """The seed of a loss's network randomness (dropout), drawn from the batch ``generator``: the one randomness
+    policy of every method (see :func:`shared_randomness`). Drawn after the loss's other draws, so that adding it
+    leaves the times, noise and label dropout of a step unchanged."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+@contextmanager
+def shared_randomness(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with the global RNG seeded by ``seed`` and restore the previous state after.
+
+    Every network pass of one loss that must see the online pass's dropout masks (consistency targets, tangents,
+    enhanced targets; the official codes replay the RNG state of the online pass) runs under the same
+    ``shared_randomness(dropout_seed(generator), device)``; nothing a loss draws leaks into the global RNG."""
+    on_cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if on_cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if on_cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 class ObjectiveOutput(NamedTuple):

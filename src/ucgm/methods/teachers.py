@@ -83,6 +83,13 @@ class Teacher:
                 self.model = module
                 self.model_transport = self.teacher_transport or module.transport
 
+    def to(self, device: torch.device | str) -> "Teacher":
+        """Move a module teacher given as a model to ``device`` (checkpoint teachers are networks the trainer
+        places; oracles compute on their input's device)."""
+        if self.checkpoint is None and isinstance(self.model, nn.Module):
+            self.model.to(device)
+        return self
+
     def resolved(self) -> tuple[Callable, Transport]:
         """``(model, transport)``; a checkpoint teacher must have been bound by the trainer first."""
         if self.model is None:
@@ -105,10 +112,10 @@ class TeacherODE:
         self._same_path = type(teacher_path) is type(path) and vars(teacher_path) == vars(path)
 
     def denoise(self, x_sigma: Tensor, sigma: Tensor, t: Tensor, labels: Optional[Tensor]) -> Tensor:
-        """``D(x_sigma; sigma)``: the teacher's data prediction at its own time ``t' = time_for_ratio(sigma)`` and
+        """``D(x_sigma; sigma)``: the teacher's data prediction at its own time ``t' = time_for_sigma(sigma)`` and
         input ``gamma'(t') x_sigma`` (``t' = t`` when teacher and student share the path)."""
         path = self.teacher_transport.path
-        teacher_time = t if self._same_path else path.time_for_ratio(sigma)
+        teacher_time = t if self._same_path else path.time_for_sigma(sigma).to(sigma.dtype)
         x_teacher = x_sigma * broadcast_time(path.gamma(teacher_time), x_sigma)
         return self.teacher_transport.predict(self.teacher, x_teacher, teacher_time, labels).data
 
@@ -121,7 +128,7 @@ class TeacherODE:
         ``(d + d') / 2``, except where ``sigma_r = 0`` (Euler there). ``x_r = gamma(r) x'_sigma``.
         """
         check_choice("solver", solver, TEACHER_SOLVERS)
-        sigma_t, sigma_r = self.path.alpha(t) / self.path.gamma(t), self.path.alpha(r) / self.path.gamma(r)
+        sigma_t, sigma_r = self.path.sigma(t), self.path.sigma(r)
         x_sigma = x_t / broadcast_time(self.path.gamma(t), x_t)
         gap = broadcast_time(sigma_r - sigma_t, x_t)
         slope = (x_sigma - self.denoise(x_sigma, sigma_t, t, labels)) / broadcast_time(sigma_t, x_t)

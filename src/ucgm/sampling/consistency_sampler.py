@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from ..methods.consistency.parameterisation import TimeRange
-from ..methods.consistency.schedules import karras_sigmas
 from ..methods.consistency.mcm import segment_edges
+from ..timegrids import karras_sigmas
 from ..transports import Path, Transport, broadcast_time
 from ..validation import check_batch, check_finite, check_positive_int, check_range
 from .noise import normal_noise

@@ -3,7 +3,8 @@
 :func:`build_networks` turns a method's specs into modules: the run's network for the sampling role, fresh
 backbones (``scratch``), copies of other roles (``copy:ROLE``), the exact mixture oracle (``oracle:MIXTURE``),
 checkpoint networks (``checkpoint:PATH``, through a loader the caller provides) and modules the method builds
-(``method``). :class:`TrainedNetwork` holds what the trainer keeps per network: its training wrapper (DDP / FSDP),
+(``method``); checkpoint networks take the dtype of the run's network, and the trainer places every network on its
+device. :class:`TrainedNetwork` holds what the trainer keeps per network: its training wrapper (DDP / FSDP),
 optimizer, evaluation EMA and update count.
 """
 
@@ -118,7 +119,7 @@ def build_networks(method: Method, primary: nn.Module, optimizer: OptimizerConfi
         elif spec.init.startswith("checkpoint:"):
             if load_checkpoint is None:
                 raise ConfigError(f"network {role!r} is read from {spec.init!r} but no checkpoint loader was given")
-            modules[role] = load_checkpoint(role, spec, spec.init[len("checkpoint:"):])
+            modules[role] = load_checkpoint(role, spec, spec.init[len("checkpoint:"):]).to(dtype=_dtype_of(primary))
             pretrained[role] = True
         else:
             modules[role] = method.build_network(role)
@@ -141,6 +142,12 @@ def build_networks(method: Method, primary: nn.Module, optimizer: OptimizerConfi
             ema_settings = None
         setups[role] = NetworkSetup(module, spec, optimizer_settings, ema_settings)
     return setups
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    """The floating dtype of a module's first floating parameter or buffer (float32 when it has none)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return next((tensor.dtype for tensor in tensors if tensor.is_floating_point()), torch.float32)
 
 
 class TrainedNetwork:

@@ -5,21 +5,21 @@ Progress: curricula (discretisation ``N(k)``, ECT's stages, CT's adaptive EMA de
 objective keeps no other state). Without it the curricula stay at their start (``k = 0``).
 
 Randomness: every draw comes from the ``generator`` argument; the online and target network calls of one loss run
-under the same freshly seeded global RNG (``same dropout RNG``), and the global RNG is restored afterwards.
+under the same seeded global RNG (:func:`~ucgm.methods.base.shared_randomness`: same dropout masks), and the
+global RNG is restored afterwards.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ...transports import Transport, make_transport
 from ...validation import check_batch, check_choice, check_finite, check_positive_int, check_range
-from ..base import Objective, draw_noise, drop_labels, resolve_null_label, unwrap
+from ..base import Objective, draw_noise, drop_labels, dropout_seed, resolve_null_label, shared_randomness, unwrap
 from .parameterisation import CONSISTENCY_PARAMETERISATIONS, ConsistencyModel, ConsistencyParameterisation, TimeRange
 
 METRICS = ("l2", "l1", "pseudo_huber")
@@ -29,18 +29,6 @@ REFERENCES = ("ema", "online", "frozen")
 WEIGHTINGS = ("uniform", "inverse_gap")
 """Per-sample loss weights: ``uniform`` (CM) or iCT's ``1 / (sigma_t - sigma_r)``."""
 ICT_HUBER_SCALE = 0.00054
-
-
-@contextmanager
-def shared_randomness(seed: int, device: torch.device) -> Iterator[None]:
-    """Run a block with the global RNG seeded by ``seed`` (dropout masks), restoring the previous state after."""
-    on_cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if on_cuda else []):
-        torch.default_generator.manual_seed(seed)
-        if on_cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
 
 
 class ConsistencyObjectiveBase(Objective):
@@ -84,6 +72,13 @@ class ConsistencyObjectiveBase(Objective):
         if teacher is not None:
             teacher.bind(networks)
         return super().loss(phase, networks, batch)
+
+    def to(self, device: torch.device | str) -> "ConsistencyObjectiveBase":
+        """Move a module teacher to ``device`` (the trainer places its networks, checkpoint teachers included)."""
+        teacher = getattr(self, "teacher", None)
+        if teacher is not None:
+            teacher.to(device)
+        return self
 
     def sampler(self) -> tuple[str, dict]:
         """CM's multistep sampler on the trained noise range (Karras evaluation times)."""
@@ -137,8 +132,7 @@ class ConsistencyObjectiveBase(Objective):
         check_batch("labels", labels, data.shape[0])
         noise = draw_noise(data, noise, generator)
         labels = drop_labels(labels, self.label_dropout, resolve_null_label(model, self.null_label), generator)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        return noise, labels, seed
+        return noise, labels, dropout_seed(generator)
 
     def paired_predictions(self, model: Callable, reference_model: Optional[Callable], x_t: Tensor, t: Tensor,
                            x_r: Tensor, r: Tensor, labels: Optional[Tensor], seed: int) -> tuple[Tensor, Tensor]:

@@ -2,7 +2,7 @@
 Easy Consistency Tuning (ECT; Geng et al. 2024) on any ucgm transport.
 
 Noise levels are EDM's ``sigma = alpha(t) / gamma(t)`` of the run's path; the grid ``sigma_0 = sigma_max > ... >
-sigma_{N-1} = sigma_min`` is Karras' (:func:`~.consistency_schedules.karras_sigmas`) mapped to ucgm time. With
+sigma_{N-1} = sigma_min`` is Karras' (:func:`~ucgm.timegrids.karras_sigmas`) mapped to ucgm time. With
 ``f`` the consistency function (:mod:`.consistency_param`; the online model with gradient, ``f^-`` the target
 network without, under the same dropout RNG), one loss is, per sample,
 
@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ...transports import Transport
+from ...timegrids import karras_sigmas
+from ...transports import EDM_SIGMA_DATA, EDM_SIGMA_MAX, EDM_SIGMA_MIN, Transport, broadcast_time
 from ...validation import check_choice, check_positive_int, check_range
 from ..base import ObjectiveOutput
 from .base import WEIGHTINGS, ConsistencyObjectiveBase
@@ -34,7 +35,6 @@ from .schedules import (
     doubling_num_scales,
     ect_reference_sigma,
     ect_stage,
-    karras_sigmas,
     lognormal_pair_probabilities,
     sample_truncated_lognormal,
 )
@@ -130,8 +130,9 @@ class ConsistencyDistillation(PairedConsistencyObjective):
                  discretisation: str = "fixed", initial_scales: int = 18, final_scales: int = 18, rho: float = 7.0,
                  pair_distribution: str = "uniform", p_mean: float = -1.1, p_std: float = 2.0,
                  weighting: str = "uniform", metric: str = "l2", huber_constant: Optional[float] = None,
-                 parameterisation: str = "consistency", sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 sigma_data: float = 0.5, label_dropout: float = 0.0, null_label: Optional[int] = None,
+                 parameterisation: str = "consistency", sigma_min: float = EDM_SIGMA_MIN,
+                 sigma_max: float = EDM_SIGMA_MAX, sigma_data: float = EDM_SIGMA_DATA, label_dropout: float = 0.0,
+                 null_label: Optional[int] = None,
                  reference: str = "ema", reference_decay: float = 0.95, adaptive_decay: bool = False):
         if teacher is None:
             raise ValueError("cd needs a teacher: a model, 'oracle:<mixture>' (e.g. 'oracle:8gaussians') or "
@@ -157,8 +158,9 @@ class ConsistencyTraining(PairedConsistencyObjective):
                  initial_scales: int = 2, final_scales: int = 150, rho: float = 7.0,
                  pair_distribution: str = "uniform", p_mean: float = -1.1, p_std: float = 2.0,
                  weighting: str = "uniform", metric: str = "l2", huber_constant: Optional[float] = None,
-                 parameterisation: str = "consistency", sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 sigma_data: float = 0.5, label_dropout: float = 0.0, null_label: Optional[int] = None,
+                 parameterisation: str = "consistency", sigma_min: float = EDM_SIGMA_MIN,
+                 sigma_max: float = EDM_SIGMA_MAX, sigma_data: float = EDM_SIGMA_DATA, label_dropout: float = 0.0,
+                 null_label: Optional[int] = None,
                  reference: str = "ema", reference_decay: float = 0.9, adaptive_decay: bool = True):
         self._configure(transport, parameterisation, sigma_min, sigma_max, sigma_data, metric, huber_constant,
                         label_dropout, null_label, reference, reference_decay)
@@ -175,8 +177,9 @@ class ImprovedConsistencyTraining(ConsistencyTraining):
                  initial_scales: int = 10, final_scales: int = 1280, rho: float = 7.0,
                  pair_distribution: str = "lognormal", p_mean: float = -1.1, p_std: float = 2.0,
                  weighting: str = "inverse_gap", metric: str = "pseudo_huber", huber_constant: Optional[float] = None,
-                 parameterisation: str = "consistency", sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 sigma_data: float = 0.5, label_dropout: float = 0.0, null_label: Optional[int] = None,
+                 parameterisation: str = "consistency", sigma_min: float = EDM_SIGMA_MIN,
+                 sigma_max: float = EDM_SIGMA_MAX, sigma_data: float = EDM_SIGMA_DATA, label_dropout: float = 0.0,
+                 null_label: Optional[int] = None,
                  reference: str = "online", reference_decay: float = 0.0, adaptive_decay: bool = False):
         super().__init__(transport, discretisation, initial_scales, final_scales, rho, pair_distribution, p_mean,
                          p_std, weighting, metric, huber_constant, parameterisation, sigma_min, sigma_max,
@@ -185,52 +188,60 @@ class ImprovedConsistencyTraining(ConsistencyTraining):
 
 class EasyConsistencyTuning(ConsistencyObjectiveBase):
     """ECT (module docstring): ``sigma_t ~ exp(P_mean + P_std n)`` truncated to ``[sigma_min, sigma_max]``,
-    ``sigma_r = max(r(sigma_t, s), sigma_min)`` with :func:`~.consistency_schedules.ect_reference_sigma` at stage
-    ``s = min(floor(num_stages k / K), num_stages - 1)``; same ``z`` for ``x_t`` and ``x_r``; stop-gradient online
-    target; ``L = (sqrt(||f_t - f_r||^2 + c^2) - c) / (sigma_t - sigma_r)`` (or another metric over the gap).
+    ``sigma_r = r(sigma_t, s)`` (:func:`~.schedules.ect_reference_sigma`, clamped at 0) at stage
+    ``s = start_stage + min(floor(num_stages k / K), num_stages - 1)``; same ``z`` for ``x_t`` and ``x_r``;
+    stop-gradient online target ``f^-(x_r, r)``, or the data ``x`` itself where ``sigma_r < sigma_min``;
+    ``L = (sqrt(||f_t - f_r||^2 + c^2) - c) / (sigma_t - sigma_r)`` (or another metric over the gap).
 
-    ``parameterisation="transport"`` (default) reads the network through the run transport, so a multi-step
-    checkpoint (e.g. flow matching) is tuned as it is; at ``sigma_min`` the target is ``f`` there (ECT uses ``x``
-    itself at ``r = 0``).
+    Defaults are locuslab/ect's (``training/loss.py``, ``ct_train.py``, ``run_ecm.sh``): P_mean = -1.1,
+    P_std = 2.0, sigmoid mapping q = 2, k = 8, b = 1, ``c = 0`` (``||f_t - f_r|| / (sigma_t - sigma_r)``), 8 stages
+    over the run (``run_ecm.sh``: 25.6 Mimg, a stage every 3.2 Mimg). ``start_stage`` starts the curriculum at a
+    later stage (TCM's ``start_stage``, e.g. for a second run). ``parameterisation="transport"`` (default) reads
+    the network through the run transport, so a multi-step checkpoint (e.g. flow matching) is tuned as it is.
+
+    Deviations: ``sigma_t`` is truncated to the model's range ``[sigma_min, sigma_max]`` (ECT draws it
+    untruncated: about 0.8% of its draws fall outside); ECT uses ``x`` as the target only at ``r = 0``, ucgm for
+    every ``sigma_r`` below ``sigma_min`` (the consistency function's boundary value there).
     """
 
     def __init__(self, transport: Transport | str = "linear", p_mean: float = -1.1, p_std: float = 2.0,
                  mapping: str = "sigmoid", q: float = 2.0, k: float = 8.0, b: float = 1.0, num_stages: int = 8,
-                 metric: str = "pseudo_huber", huber_constant: Optional[float] = None,
-                 parameterisation: str = "transport", sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 sigma_data: float = 0.5, label_dropout: float = 0.0, null_label: Optional[int] = None,
+                 start_stage: int = 0, metric: str = "pseudo_huber", huber_constant: Optional[float] = 0.0,
+                 parameterisation: str = "transport", sigma_min: float = EDM_SIGMA_MIN,
+                 sigma_max: float = EDM_SIGMA_MAX, sigma_data: float = EDM_SIGMA_DATA, label_dropout: float = 0.0,
+                 null_label: Optional[int] = None,
                  reference: str = "online", reference_decay: float = 0.0):
         self._configure(transport, parameterisation, sigma_min, sigma_max, sigma_data, metric, huber_constant,
                         label_dropout, null_label, reference, reference_decay)
-        self._configure_ect(p_mean, p_std, mapping, q, k, b, num_stages)
+        self._configure_ect(p_mean, p_std, mapping, q, k, b, num_stages, start_stage)
 
     def _configure_ect(self, p_mean: float, p_std: float, mapping: str, q: float, k: float, b: float,
-                       num_stages: int) -> None:
+                       num_stages: int, start_stage: int) -> None:
         check_choice("mapping", mapping, ECT_MAPPINGS)
         check_range("p_std", p_std, 1e-6, math.inf)
         check_range("q", q, 1.0 + 1e-9, math.inf)
         check_range("k", k, 0.0, math.inf)
         check_range("b", b, 0.0, math.inf)
         check_positive_int("num_stages", num_stages)
+        check_positive_int("start_stage", start_stage, minimum=0)
         self.p_mean, self.p_std, self.mapping = float(p_mean), float(p_std), mapping
-        self.q, self.k, self.b, self.num_stages = float(q), float(k), float(b), num_stages
+        self.q, self.k, self.b = float(q), float(k), float(b)
+        self.num_stages, self.start_stage = num_stages, start_stage
 
     def stage(self) -> int:
-        """ECT's stage at the current progress."""
-        return ect_stage(self.step, self.total_steps, self.num_stages)
+        """ECT's stage at the current progress, counted from ``start_stage``."""
+        return self.start_stage + ect_stage(self.step, self.total_steps, self.num_stages)
 
     def reference_sigmas(self, sigma_t: Tensor) -> Tensor:
-        """``sigma_r = max(r(sigma_t, s), sigma_min)``."""
-        sigma_r = ect_reference_sigma(sigma_t, self.stage(), self.q, self.k, self.b, self.mapping)
-        return sigma_r.clamp_min(self.time_range.sigma_min)
+        """``sigma_r = max(r(sigma_t, s), 0)``."""
+        return ect_reference_sigma(sigma_t, self.stage(), self.q, self.k, self.b, self.mapping)
 
     def sample_sigmas(self, batch_size: int, generator: Optional[torch.Generator], low: Optional[float] = None
-                      ) -> tuple[Tensor, Tensor]:
-        """Float64 ``(sigma_t, sigma_r)``; ``sigma_t`` truncated to ``[low (default sigma_min), sigma_max]``."""
+                      ) -> Tensor:
+        """Float64 ``sigma_t`` truncated to ``[low (default sigma_min), sigma_max]``."""
         low = self.time_range.sigma_min if low is None else low
-        sigma_t = sample_truncated_lognormal(batch_size, self.p_mean, self.p_std, low, self.time_range.sigma_max,
-                                             generator)
-        return sigma_t, self.reference_sigmas(sigma_t)
+        return sample_truncated_lognormal(batch_size, self.p_mean, self.p_std, low, self.time_range.sigma_max,
+                                          generator)
 
     def __call__(self, model: Callable, data: Tensor, labels: Optional[Tensor] = None, *,
                  reference_model: Optional[Callable] = None, generator: Optional[torch.Generator] = None,
@@ -240,15 +251,19 @@ class EasyConsistencyTuning(ConsistencyObjectiveBase):
         noise, labels, seed = self.prepare(model, data, labels, noise, generator)
         pair = self.given_times(time, target_time, data)
         if pair is None:
-            sigma_t, sigma_r = self.sample_sigmas(data.shape[0], generator)
-            t64, r64 = self.time_range.times(sigma_t), self.time_range.times(sigma_r)
+            sigma_t = self.sample_sigmas(data.shape[0], generator)
+            sigma_r = self.reference_sigmas(sigma_t)
         else:
-            t64, r64 = pair[0].double(), pair[1].double()
-            sigma_t, sigma_r = self.time_range.sigma(t64), self.time_range.sigma(r64)
+            sigma_t, sigma_r = self.time_range.sigma(pair[0].double()), self.time_range.sigma(pair[1].double())
+        below_range = sigma_r < self.time_range.sigma_min
+        t64 = self.time_range.times(sigma_t)
+        r64 = self.time_range.times(torch.where(below_range, torch.full_like(sigma_r, self.time_range.sigma_min),
+                                                sigma_r))
         t, r = t64.to(data.device, data.dtype), r64.to(data.device, data.dtype)
         x_t = self.transport.interpolate(data, noise, t)
         x_r = self.transport.interpolate(data, noise, r)
         online, target = self.paired_predictions(model, reference_model, x_t, t, x_r, r, labels, seed)
+        target = torch.where(broadcast_time(below_range.to(data.device), data), data, target)
         gap = (sigma_t - sigma_r).clamp_min(torch.finfo(torch.float64).tiny).to(data.device, data.dtype)
         per_sample = self.distance(online, target) / gap
         return ObjectiveOutput(per_sample.mean(), per_sample.detach(), {"stage": float(self.stage())})

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ...transports import Path, Transport, broadcast_time
+from ...transports import EDM_SIGMA_DATA, EDM_SIGMA_MAX, EDM_SIGMA_MIN, Path, Transport, broadcast_time
 from ...validation import check_batch, check_finite, check_positive_int
 from ..base import ObjectiveOutput
 from .base import ConsistencyObjectiveBase
@@ -32,7 +32,8 @@ from .parameterisation import TimeRange
 from ..teachers import Teacher
 
 
-def segment_edges(path: Path, segments: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
+def segment_edges(path: Path, segments: int, sigma_min: float = EDM_SIGMA_MIN, sigma_max: float = EDM_SIGMA_MAX
+                  ) -> Tensor:
     """``S + 1`` float64 times from ``t_max`` down to ``t_min`` (``time_for_ratio`` of the sigmas), evenly spaced."""
     check_positive_int("segments", segments)
     time_range = TimeRange(path, sigma_min, sigma_max)
@@ -56,9 +57,9 @@ class MultistepConsistency(ConsistencyObjectiveBase):
     def __init__(self, transport: Transport | str = "linear", segments: int = 4, substeps: int = 16, teacher=None,
                  teacher_transport: Optional[Transport | str] = None, metric: str = "l2",
                  huber_constant: Optional[float] = None, parameterisation: str = "transport",
-                 sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5,
-                 label_dropout: float = 0.0, null_label: Optional[int] = None, reference: str = "online",
-                 reference_decay: float = 0.0):
+                 sigma_min: float = EDM_SIGMA_MIN, sigma_max: float = EDM_SIGMA_MAX,
+                 sigma_data: float = EDM_SIGMA_DATA, label_dropout: float = 0.0, null_label: Optional[int] = None,
+                 reference: str = "online", reference_decay: float = 0.0):
         check_positive_int("segments", segments)
         check_positive_int("substeps", substeps)
         self._configure(transport, parameterisation, sigma_min, sigma_max, sigma_data, metric, huber_constant,

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ...transports import Path, Transport, broadcast_time
+from ...transports import EDM_SIGMA_DATA, EDM_SIGMA_MAX, EDM_SIGMA_MIN, Path, Transport, broadcast_time
 
 CONSISTENCY_PARAMETERISATIONS = ("consistency", "transport")
 """How an objective reads its network as a consistency function:
@@ -38,9 +38,7 @@ the boundary holds where the transport recovers ``x_hat = x_t`` at ``sigma = 0``
 def time_for_sigma(path: Path, sigma: float) -> float:
     """The ucgm time at which ``alpha / gamma = sigma`` (``sigma = inf`` means t = 1); ``ValueError`` if it is not
     a finite time in [0, 1]."""
-    if sigma == math.inf:
-        return 1.0
-    time = float(path.time_for_ratio(torch.tensor(float(sigma), dtype=torch.float64)))
+    time = float(path.time_for_sigma(float(sigma)))
     if not (math.isfinite(time) and 0.0 <= time <= 1.0):
         raise ValueError(f"sigma={sigma!r} maps to time {time!r} on the {path.name!r} path; allowed: sigmas whose "
                          f"time lies in [0, 1] (e.g. sigma_min > 0 on the edm path)")
@@ -50,7 +48,7 @@ def time_for_sigma(path: Path, sigma: float) -> float:
 class TimeRange:
     """``[t_min, t_max]`` of a consistency model, given as noise levels ``sigma_min < sigma_max`` on ``path``."""
 
-    def __init__(self, path: Path, sigma_min: float = 0.002, sigma_max: float = 80.0):
+    def __init__(self, path: Path, sigma_min: float = EDM_SIGMA_MIN, sigma_max: float = EDM_SIGMA_MAX):
         if not (isinstance(sigma_min, (int, float)) and isinstance(sigma_max, (int, float))
                 and 0.0 <= sigma_min < sigma_max):
             raise ValueError(f"sigma_min={sigma_min!r}, sigma_max={sigma_max!r}: allowed 0 <= sigma_min < sigma_max")
@@ -60,14 +58,13 @@ class TimeRange:
 
     def sigma(self, t: Tensor) -> Tensor:
         """``sigma(t) = alpha(t) / gamma(t)``."""
-        return self.path.alpha(t) / self.path.gamma(t)
+        return self.path.sigma(t)
 
     def times(self, sigmas: Tensor) -> Tensor:
-        """The ucgm times of noise levels ``sigmas`` (float64), with ``sigma_min`` / ``sigma_max`` mapped to exactly
-        ``t_min`` / ``t_max``."""
+        """The ucgm times of noise levels ``sigmas`` (float64, ``path.time_for_sigma``), with ``sigma_min`` /
+        ``sigma_max`` mapped to exactly ``t_min`` / ``t_max``."""
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-        finite = torch.where(torch.isinf(sigmas), torch.zeros_like(sigmas), sigmas)
-        times = torch.where(torch.isinf(sigmas), torch.ones_like(sigmas), self.path.time_for_ratio(finite))
+        times = self.path.time_for_sigma(sigmas)
         times = torch.where(sigmas == self.sigma_min, torch.full_like(times, self.t_min), times)
         return torch.where(sigmas == self.sigma_max, torch.full_like(times, self.t_max), times)
 
@@ -75,7 +72,7 @@ class TimeRange:
 class ConsistencyParameterisation:
     """``f(x_t, t) = c_skip x_t / gamma + c_out F_theta(c_in x_sigma, tau(t), y)`` (module docstring) on ``path``."""
 
-    def __init__(self, path: Path, sigma_min: float = 0.002, sigma_data: float = 0.5,
+    def __init__(self, path: Path, sigma_min: float = EDM_SIGMA_MIN, sigma_data: float = EDM_SIGMA_DATA,
                  network_time: Optional[Callable[[Tensor], Tensor]] = None):
         if not (isinstance(sigma_data, (int, float)) and sigma_data > 0):
             raise ValueError(f"sigma_data={sigma_data!r} must be a positive number")
@@ -89,7 +86,7 @@ class ConsistencyParameterisation:
         multiplies ``x_t`` into the backbone input)."""
         alpha, gamma = self.path.alpha(t), self.path.gamma(t)
         t_min = torch.full_like(t, self.t_min)
-        sigma = alpha / gamma
+        sigma = alpha / gamma  # the same operations at t and t_min: the offset is exactly 0 at t_min
         offset = sigma - self.path.alpha(t_min) / self.path.gamma(t_min)
         sigma_data_sq = self.sigma_data**2
         skip = sigma_data_sq / (offset**2 + sigma_data_sq)

@@ -1,4 +1,5 @@
-"""Discretisation schedules and time distributions of the consistency family, in EDM noise levels ``sigma``.
+"""Discretisation schedules and time distributions of the consistency family, in EDM noise levels ``sigma`` (the
+Karras grid itself is :func:`ucgm.timegrids.karras_sigmas`).
 
 Every curriculum reads the training progress ``(step k, total steps K)`` given to the objective with
 ``objective.set_progress(k, K)``; nothing here keeps state.
@@ -15,19 +16,6 @@ from torch import Tensor
 from ...validation import check_choice, check_positive_int
 
 ECT_MAPPINGS = ("sigmoid", "const")
-
-
-def karras_sigmas(num_points: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
-    """``sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``, ``i = 0..N-1``
-    (float64, decreasing; ``sigma_0 = sigma_max`` and ``sigma_{N-1} = sigma_min`` exactly)."""
-    check_positive_int("num_points", num_points, minimum=2)
-    if not rho > 0:
-        raise ValueError(f"rho={rho!r} must be positive")
-    fraction = torch.arange(num_points, dtype=torch.float64) / (num_points - 1)
-    top, bottom = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    sigmas = (top + fraction * (bottom - top)) ** rho
-    sigmas[0], sigmas[-1] = sigma_max, sigma_min
-    return sigmas
 
 
 def _fraction(step: int, total_steps: Optional[int]) -> float:

@@ -41,6 +41,7 @@ the shared part: with exact derivatives, UCGM-T's loss and gradient are reproduc
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Callable, Optional
@@ -48,7 +49,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ...transports import Transport, TransportAdapter, TrigPath, broadcast_time, make_transport
+from ...transports import EDM_SIGMA_DATA, Transport, TransportAdapter, TrigPath, broadcast_time, make_transport
 from ...validation import check_batch, check_choice, check_finite, check_positive_int, check_range
 from .adaptive_weighting import AdaptiveWeighting
 from ..base import (
@@ -58,14 +59,15 @@ from ..base import (
     Phase,
     draw_noise,
     drop_labels,
+    dropout_seed,
     resolve_null_label,
+    shared_randomness,
     unwrap,
 )
 from ..teachers import Teacher
 from .scm_tangent import (
     TANGENT_METHODS,
     TANGENT_NORMALISATIONS,
-    capture_random_state,
     normalise_tangent,
     output_derivative_finite_difference,
     output_derivative_jvp,
@@ -76,15 +78,37 @@ from .scm_tangent import (
 #: ``teacher="reference"`` distils from the trainer's frozen copy of the model the run started from.
 REFERENCE_TEACHER = "reference"
 
-#: What the ``auto`` tangent treats as "forward-mode AD is unavailable for this model".
-_JVP_FAILURES = (RuntimeError, NotImplementedError)
+#: Words of the errors with which PyTorch reports that forward-mode AD is not implemented for an operation.
+_JVP_UNSUPPORTED_WORDS = ("forward ad", "forward-mode", "forward mode", "jvp", "not implemented", "not supported",
+                          "does not support")
+
+
+def jvp_unsupported(error: BaseException) -> bool:
+    """Whether ``error`` says that forward-mode AD is not available for the model (a missing ``jvp`` /
+    forward-derivative formula), as opposed to any other failure such as running out of memory."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    if isinstance(error, NotImplementedError):
+        return True
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and any(word in message for word in _JVP_UNSUPPORTED_WORDS)
+
+
+def agreed_by_every_rank(supported: bool, device: torch.device) -> bool:
+    """``supported`` on every process of the job (a collective in a ``torch.distributed`` job; the value itself
+    otherwise)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return supported
+    flag = torch.tensor([1.0 if supported else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
 
 
 def sample_trigflow_time(
     batch_size: int,
     log_sigma_mean: float = -1.0,
     log_sigma_std: float = 1.4,
-    sigma_data: float = 0.5,
+    sigma_data: float = EDM_SIGMA_DATA,
     half_pi: float = math.pi / 2,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
@@ -120,7 +144,9 @@ class SCMObjective(Objective):
 
     Options and sCM's names: ``log_sigma_mean`` / ``log_sigma_std`` = ``P_mean`` / ``P_std``; ``tangent_method``
     ``"jvp"`` (``torch.func.jvp``), ``"finite_difference"`` (central, ``d = finite_difference_step * s``, float64) or
-    ``"auto"`` (JVP, falling back to finite differences with a one-time warning when forward-mode AD fails);
+    ``"auto"``: the first loss tries the JVP; when forward-mode AD is not supported by the model (not on any other
+    error, e.g. out of memory, which is raised) on any process of the job, every process switches to finite
+    differences with a warning. The choice is the method's state (checkpointed: a resumed run keeps it);
     ``tangent_normalisation`` ``"norm"`` (``g / (||g|| + normalisation_constant)``), ``"clamp"`` or ``"none"``;
     ``tangent_warmup_steps`` = ``H`` of ``r = min(1, step / H)`` (progress from :meth:`set_progress`);
     ``adaptive_weighting`` learns ``w(s)`` (:class:`AdaptiveWeighting`, optimised through :meth:`parameters`).
@@ -139,7 +165,7 @@ class SCMObjective(Objective):
     def __init__(
         self,
         transport: Transport | str = "trigflow",
-        sigma_data: float = 0.5,
+        sigma_data: float = EDM_SIGMA_DATA,
         log_sigma_mean: float = -1.0,
         log_sigma_std: float = 1.4,
         tangent_method: str = "auto",
@@ -185,8 +211,8 @@ class SCMObjective(Objective):
         self._weighting_call: Optional[Callable] = None
         self.reference_mode = "frozen" if reference_teacher else None
         self.step = 0
-        #: The derivative method actually used: ``tangent_method``, or ``"finite_difference"`` after an
-        #: ``"auto"`` fallback.
+        #: The derivative method in use: ``tangent_method``; for ``"auto"``, ``"jvp"`` or ``"finite_difference"``
+        #: once the first loss has decided.
         self.method_in_use = tangent_method
 
     @property
@@ -240,6 +266,19 @@ class SCMObjective(Objective):
             check_positive_int("total_steps", total_steps)
         self.step = step
 
+    def state_dict(self) -> dict:
+        """The tangent method in use (the ``auto`` decision)."""
+        return {"tangent_method_in_use": self.method_in_use}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:  # a checkpoint written before the decision was kept: decide again
+            return
+        method = state.get("tangent_method_in_use")
+        check_choice("tangent_method_in_use", method, TANGENT_METHODS)
+        if self.tangent_method != "auto" and method != self.tangent_method:
+            raise ValueError(f"the checkpoint used tangent_method={method!r}; this run sets {self.tangent_method!r}")
+        self.method_in_use = method
+
     @property
     def warmup_ratio(self) -> float:
         """The current ``r = min(1, step / H)``."""
@@ -286,15 +325,16 @@ class SCMObjective(Objective):
         time = self._times(time, data, generator)
         noise = draw_noise(data, noise, generator)
         labels = drop_labels(labels, self.label_dropout, resolve_null_label(model, self.null_label), generator)
+        same_dropout = functools.partial(shared_randomness, dropout_seed(generator), data.device)
         transport = self.transport
         x_t = transport.interpolate(data, noise, time)
-        random_state = capture_random_state(data.device)
-        output = transport.network_output(model, x_t, time, labels)
+        with same_dropout():
+            output = transport.network_output(model, x_t, time, labels)
         angle = transport.path.half_pi * time
         with torch.no_grad():
             velocity = self._velocity(reference_model, data, noise, x_t, time, labels)
             derivative = self._output_derivative(unwrap(model), data, noise, x_t, time, velocity, labels,
-                                                 random_state)
+                                                 same_dropout)
             tangent = scm_tangent(output.detach(), velocity, x_t, derivative, angle, self.warmup_ratio,
                                   self.sigma_data)
             target = output.detach() + normalise_tangent(tangent, self.tangent_normalisation,
@@ -322,24 +362,40 @@ class SCMObjective(Objective):
             return self.transport.network_output(unwrap(reference_model), x_t, time, labels)
         return self.transport.target(data, noise, time)
 
-    def _output_derivative(self, model, data, noise, x_t, time, velocity, labels, random_state) -> Tensor:
-        """``dF^-/ds`` along ``(v, 1)`` by the configured method (see the class docstring)."""
-        if self.method_in_use == "jvp":
-            return output_derivative_jvp(model, self.transport, x_t, time, velocity, labels, random_state)
+    def _output_derivative(self, model, data, noise, x_t, time, velocity, labels, same_dropout) -> Tensor:
+        """``dF^-/ds`` along ``(v, 1)`` by the method in use (``auto``: decided here, see the class docstring)."""
         if self.method_in_use == "auto":
-            try:
-                return output_derivative_jvp(model, self.transport, x_t, time, velocity, labels, random_state)
-            except _JVP_FAILURES as error:
-                first_line = str(error).splitlines()[0] if str(error) else ""
-                warnings.warn(f"sCM: forward-mode AD failed ({type(error).__name__}: {first_line}); using the "
-                              f"finite-difference tangent from now on", RuntimeWarning, stacklevel=3)
-                self.method_in_use = "finite_difference"
+            derivative = self._decide_tangent(model, x_t, time, velocity, labels, same_dropout)
+            if derivative is not None:
+                return derivative
+        if self.method_in_use == "jvp":
+            return output_derivative_jvp(model, self.transport, x_t, time, velocity, labels, same_dropout)
         angle = self.transport.path.half_pi * time.to(torch.float64)
         point_at = self._trajectory_points(data, noise, x_t, velocity, angle)
         derivative = output_derivative_finite_difference(model, self.transport, point_at, angle,
-                                                         self.finite_difference_step * angle, labels, random_state,
+                                                         self.finite_difference_step * angle, labels, same_dropout,
                                                          x_t.dtype)
         return derivative.to(x_t.dtype)
+
+    def _decide_tangent(self, model, x_t, time, velocity, labels, same_dropout) -> Optional[Tensor]:
+        """The ``auto`` decision: the JVP derivative when every process supports forward-mode AD (``None``
+        otherwise, after switching to finite differences with a warning); other errors are raised."""
+        derivative, failure = None, None
+        try:
+            derivative = output_derivative_jvp(model, self.transport, x_t, time, velocity, labels, same_dropout)
+        except (RuntimeError, NotImplementedError) as error:
+            if not jvp_unsupported(error):
+                raise
+            failure = error
+        supported = agreed_by_every_rank(failure is None, x_t.device)
+        self.method_in_use = "jvp" if supported else "finite_difference"
+        if supported:
+            return derivative
+        reason = "on another process" if failure is None else \
+            f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+        warnings.warn(f"sCM: forward-mode AD is not supported by this model ({reason}); using the finite-difference "
+                      f"tangent for the rest of the run", RuntimeWarning, stacklevel=4)
+        return None
 
     def _trajectory_points(self, data, noise, x_t, velocity, angle) -> Callable[[Tensor], Tensor]:
         """``offset -> x`` at angle ``s + offset`` in float64: sCT on the same ``(x, z)`` pair,

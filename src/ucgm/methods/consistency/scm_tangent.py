@@ -9,8 +9,7 @@ angle ``s = h t`` (``h`` = the transport's ``half_pi``), ``F(x_t, t)`` the netwo
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 from torch import Tensor
@@ -22,33 +21,9 @@ TANGENT_METHODS = ("auto", "jvp", "finite_difference")
 TANGENT_NORMALISATIONS = ("norm", "clamp", "none")
 
 
-# ------------------------------------------------------------------------------------ shared randomness
-class RandomState(NamedTuple):
-    """The generator states of the CPU and (when the model runs there) one CUDA device."""
-
-    cpu: Tensor
-    cuda: Optional[Tensor]
-    cuda_index: Optional[int]
-
-
-def capture_random_state(device: torch.device) -> RandomState:
-    """Record the global generators a forward pass on ``device`` draws from (dropout)."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return RandomState(torch.get_rng_state(), torch.cuda.get_rng_state(index), index)
-    return RandomState(torch.get_rng_state(), None, None)
-
-
-@contextlib.contextmanager
-def replayed_random_state(state: RandomState) -> Iterator[None]:
-    """Run the block from ``state`` (same dropout masks as the pass that followed the capture) and restore the
-    generators afterwards, so extra passes neither change nor consume the caller's randomness."""
-    devices = [] if state.cuda_index is None else [state.cuda_index]
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(state.cpu)
-        if state.cuda is not None:
-            torch.cuda.set_rng_state(state.cuda, state.cuda_index)
-        yield
+#: A zero-argument context manager under which a network pass sees the online pass's dropout masks
+#: (``functools.partial(ucgm.methods.base.shared_randomness, seed, device)``).
+SameDropout = Callable[[], ContextManager]
 
 
 # ------------------------------------------------------------------------------------- output derivative
@@ -59,7 +34,7 @@ def output_derivative_jvp(
     t: Tensor,
     velocity: Tensor,
     labels: Optional[Tensor],
-    random_state: RandomState,
+    same_dropout: SameDropout,
 ) -> Tensor:
     """Exact ``dF/ds = (dF/dx_t) v + dF/ds|_x`` by forward-mode AD: ``torch.func.jvp`` of ``(x_t, t) -> F`` along
     the tangent ``(v, 1 / h)`` (``t = s / h``)."""
@@ -68,7 +43,7 @@ def output_derivative_jvp(
         return transport.network_output(model, x, time, labels)
 
     time_tangent = torch.full_like(t, 1 / transport.path.half_pi)
-    with replayed_random_state(random_state):
+    with same_dropout():
         return torch.func.jvp(network_output, (x_t, t), (velocity, time_tangent))[1]
 
 
@@ -79,21 +54,21 @@ def output_derivative_finite_difference(
     angle: Tensor,
     step: Tensor,
     labels: Optional[Tensor],
-    random_state: RandomState,
+    same_dropout: SameDropout,
     dtype: torch.dtype,
 ) -> Tensor:
     """Central difference ``(F(x_{s+d}, s+d) - F(x_{s-d}, s-d)) / (2 d)``, formed in float64.
 
     ``angle`` ``s`` and ``step`` ``d`` are per-sample float64 ``(B,)``; ``point_at(offset)`` returns the float64
     trajectory point at angle ``s + offset``. Points and times are cast to ``dtype`` (the model's input dtype)
-    for the two network calls, whose outputs are subtracted in float64; both calls replay ``random_state`` so
-    they share dropout masks.
+    for the two network calls, whose outputs are subtracted in float64; both calls run under ``same_dropout`` so
+    they share the online pass's dropout masks.
     """
     half_pi = transport.path.half_pi
     outputs = []
     for offset in (step, -step):
         point, time = point_at(offset).to(dtype), ((angle + offset) / half_pi).to(dtype)
-        with replayed_random_state(random_state):
+        with same_dropout():
             outputs.append(transport.network_output(model, point, time, labels).to(torch.float64))
     return (outputs[0] - outputs[1]) / (2 * broadcast_time(step, outputs[0]))
 

@@ -15,6 +15,11 @@ One step, with ``t ~ clamp(k * Beta(a, b), 0, 1)``, ``z ~ N(0, I)`` and ``x_t = 
 4. Per sample ``L = sqrt(mean((F - T)^2) + c^2) - c`` (+ ``mean(1 - cos(F, T))`` over channels when
    ``cosine_loss``), optionally weighted by ``cos(h t)``; the loss is the batch mean.
 
+Randomness: every draw comes from ``generator``; every network pass of one loss (online, enhanced-target,
+tangent) runs under the same seeded dropout RNG (:func:`~ucgm.methods.base.shared_randomness`), as the official code
+restores the online pass's RNG state before its tangent passes and its ``ft-vs-fe`` pass. Deviation: the
+``fc-vs-xz`` reference pass shares it too (the official code draws fresh dropout masks there).
+
 Argument names and the official ones:
 
 | ucgm | official UCGM |
@@ -32,8 +37,11 @@ Argument names and the official ones:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from typing import Callable, Optional, Sequence
+import warnings
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 import torch.nn.functional as functional
@@ -41,7 +49,7 @@ from torch import Tensor
 
 from ...transports import Transport, broadcast_time, make_transport
 from ...validation import check_batch, check_choice, check_finite, check_range
-from ..base import Objective, ObjectiveOutput, draw_noise, resolve_null_label, unwrap
+from ..base import Objective, ObjectiveOutput, draw_noise, dropout_seed, resolve_null_label, shared_randomness, unwrap
 from ..base import drop_labels as drop_labels_with
 
 ENHANCED_STYLES = ("ft-vs-fe", "fc-vs-fe", "fc-vs-xz")
@@ -51,6 +59,8 @@ ENHANCED_STYLES = ("ft-vs-fe", "fc-vs-fe", "fc-vs-xz")
 ``fc-vs-xz`` (few-step training): conditional = reference model with the label, reference = the true ``(x, z)``."""
 
 REFERENCE_MODES = ("ema", "online", "frozen")
+#: The numerator of UCGM's tangent weight ``4 / sin(h t)`` (:func:`tangent_weight`).
+TANGENT_WEIGHT_SCALE = 4.0
 TIME_WEIGHTINGS = (None, "cosine")
 TANGENTS = ("finite_difference", "jvp")
 
@@ -87,12 +97,14 @@ def data_prediction_tangent(
     labels: Optional[Tensor],
     method: str = "finite_difference",
     step: float = 0.005,
+    same_dropout: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> Tensor:
     """``d/dt X(t)``, the time derivative of the data prediction along the straight path
     ``x_t = alpha(t) z + gamma(t) x`` (fixed ``x``, ``z``).
 
-    ``finite_difference``: ``(X(t + eps) - X(t - eps)) / (2 eps)`` in one batched call;
-    ``jvp``: exact forward-mode derivative with ``torch.func.jvp`` along ``(dx_t/dt, 1)``.
+    ``finite_difference``: ``(X(t + eps) - X(t - eps)) / (2 eps)``, one call per time, each under ``same_dropout``
+    (the official code restores the online pass's RNG state before each); ``jvp``: exact forward-mode derivative
+    with ``torch.func.jvp`` along ``(dx_t/dt, 1)``.
     """
     check_choice("method", method, TANGENTS)
     if method == "jvp":
@@ -100,13 +112,24 @@ def data_prediction_tangent(
             x_t = transport.interpolate(data, noise, time)
             return transport.predict(model, x_t, time, labels).data
 
-        return torch.func.jvp(data_prediction, (t,), (torch.ones_like(t),))[1]
+        with same_dropout():
+            return torch.func.jvp(data_prediction, (t,), (torch.ones_like(t),))[1]
     inv_width = 1 / (2 * step)
-    times = torch.cat([t + step, t - step])
-    doubled = lambda v: None if v is None else torch.cat([v, v])  # noqa: E731
-    x_r = transport.interpolate(doubled(data), doubled(noise), times)
-    upper, lower = transport.predict(model, x_r, times, doubled(labels)).data.chunk(2)
+    upper, lower = (_data_prediction_at(model, transport, data, noise, time, labels, same_dropout)
+                    for time in (t + step, t - step))
     return upper * inv_width - lower * inv_width
+
+
+def _data_prediction_at(model: Callable, transport: Transport, data: Tensor, noise: Tensor, t: Tensor,
+                        labels: Optional[Tensor], same_dropout: Callable[[], ContextManager]) -> Tensor:
+    """``X(t)``: the data prediction at ``x_t = alpha(t) z + gamma(t) x``, under ``same_dropout``."""
+    with same_dropout():
+        return transport.predict(model, transport.interpolate(data, noise, t), t, labels).data
+
+
+def tangent_weight(t: Tensor, half_pi: float) -> Tensor:
+    """UCGM's weight of the clamped tangent in the consistency target, ``4 / sin(h t)``."""
+    return TANGENT_WEIGHT_SCALE / torch.sin(t * half_pi)
 
 
 class UCGMObjective(Objective):
@@ -153,7 +176,11 @@ class UCGMObjective(Objective):
         self.consistency_ratio = float(consistency_ratio)
         # A multi-step ratio of 1 or more is read as (r - 1) / r, as the official code does.
         if enhanced_ratio >= 1.0 and consistency_ratio == 0.0:
-            enhanced_ratio = (enhanced_ratio - 1.0) / enhanced_ratio
+            remapped = (enhanced_ratio - 1.0) / enhanced_ratio
+            warnings.warn(f"enhanced_ratio={enhanced_ratio} >= 1 with consistency_ratio=0 is read as (r - 1) / r = "
+                          f"{remapped:.6g}, as the official UCGM code does (a guidance scale r); pass "
+                          f"enhanced_ratio={remapped:.6g} to silence this warning", UserWarning, stacklevel=2)
+            enhanced_ratio = remapped
         self.enhanced_ratio = float(enhanced_ratio)
         if enhanced_style is None and self.enhanced_ratio != 0.0:
             enhanced_style = "ft-vs-fe" if self.consistency_ratio == 0.0 else "fc-vs-xz"
@@ -205,19 +232,23 @@ class UCGMObjective(Objective):
         conditional_mix = torch.where(in_range, guided, (value + conditional) * 0.5)
         return torch.where(dropped, (value + reference) * 0.5, conditional_mix)
 
-    def _enhanced_predictions(self, model, reference_model, x_t, t, labels, null_label, online, data, noise):
-        """``(x_c, z_c), (x_u, z_u)`` of the chosen enhanced style; fc-vs-fe batches its two reference passes."""
+    def _enhanced_predictions(self, model, reference_model, x_t, t, labels, null_label, online, data, noise,
+                              same_dropout):
+        """``(x_c, z_c), (x_u, z_u)`` of the chosen enhanced style, each reference pass under ``same_dropout``."""
         transport = self.transport
         nulls = torch.full_like(labels, null_label)
+
+        def reference_prediction(conditioning):
+            with same_dropout():
+                return transport.predict(reference_model, x_t, t, conditioning)
+
         if self.enhanced_style == "ft-vs-fe":
-            reference = transport.predict(reference_model, x_t, t, nulls)
+            reference = reference_prediction(nulls)
             return (online.data.detach(), online.noise.detach()), (reference.data, reference.noise)
+        conditional = reference_prediction(labels)
         if self.enhanced_style == "fc-vs-fe":
-            both = transport.predict(reference_model, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                     torch.cat([labels, nulls]))
-            (data_c, data_u), (noise_c, noise_u) = both.data.chunk(2), both.noise.chunk(2)
-            return (data_c, noise_c), (data_u, noise_u)
-        conditional = transport.predict(reference_model, x_t, t, labels)
+            unconditional = reference_prediction(nulls)
+            return (conditional.data, conditional.noise), (unconditional.data, unconditional.noise)
         return (conditional.data, conditional.noise), (data, noise)
 
     def per_sample_loss(self, output: Tensor, target: Tensor) -> Tensor:
@@ -258,9 +289,11 @@ class UCGMObjective(Objective):
         if drop_labels:
             labels = drop_labels_with(labels, self.label_dropout, null_label, generator)
 
+        same_dropout = functools.partial(shared_randomness, dropout_seed(generator), data.device)
         transport = self.transport
         x_t = transport.interpolate(data, noise, time)
-        online = transport.predict(model, x_t, time, labels)
+        with same_dropout():
+            online = transport.predict(model, x_t, time, labels)
         target_data, target_noise = data, noise
         target = transport.target(data, noise, time)
 
@@ -274,7 +307,7 @@ class UCGMObjective(Objective):
                         raise ValueError(f"enhanced_style={self.enhanced_style!r} needs a reference_model "
                                          f"({self.reference_mode} copy of the model)")
                     (data_c, noise_c), (data_u, noise_u) = self._enhanced_predictions(
-                        model, reference_model, x_t, time, labels, null_label, online, data, noise)
+                        model, reference_model, x_t, time, labels, null_label, online, data, noise, same_dropout)
                     low, high = self.enhanced_range
                     in_range = (time > low) & (time < high)
                     dropped = labels == null_label
@@ -282,29 +315,28 @@ class UCGMObjective(Objective):
                     target_noise = self._enhance(noise, noise_c, noise_u, in_range, dropped)
                     target = transport.target(target_data, target_noise, time)
                 if self.consistency_ratio != 0.0:
-                    target = self._consistency_target(model, online.output, time, labels, target_data, target_noise)
+                    target = self._consistency_target(model, online.output, time, labels, target_data,
+                                                      target_noise, same_dropout)
 
         per_sample = self.per_sample_loss(online.output, target)
         if self.time_weighting == "cosine":
             per_sample = per_sample * torch.cos(time * self.half_pi)
         return ObjectiveOutput(per_sample.mean(), per_sample.detach(), {})
 
-    def _consistency_target(self, model, output, time, labels, data, noise) -> Tensor:
+    def _consistency_target(self, model, output, time, labels, data, noise, same_dropout) -> Tensor:
         """``T = F.detach() - (alpha / D) (4 / sin(h t)) clamp(Delta, -1, 1)`` (step 3)."""
         transport, online = self.transport, unwrap(model)
         if self.consistency_ratio == 1.0:
             delta = data_prediction_tangent(online, transport, data, noise, time, labels, self.tangent,
-                                            self.finite_difference_step)
+                                            self.finite_difference_step, same_dropout)
         else:
             gap = time - self.consistency_ratio * time
             x_t = transport.interpolate(data, noise, time)
             current = transport.recover(output.detach(), x_t, time)[0]
-            earlier_time = time - gap
-            earlier_x = transport.interpolate(data, noise, earlier_time)
-            earlier = transport.predict(online, earlier_x, earlier_time, labels).data
+            earlier = _data_prediction_at(online, transport, data, noise, time - gap, labels, same_dropout)
             inv_gap = broadcast_time(1 / gap, output)
             delta = current * inv_gap - earlier * inv_gap
         delta = torch.clamp(delta, -self.tangent_clip, self.tangent_clip)
         tb = broadcast_time(time, output)
-        weight = 4 / torch.sin(tb * self.half_pi)
+        weight = tangent_weight(tb, self.half_pi)
         return output.detach() - (transport.alpha(tb) / transport.denominator(tb) * weight) * delta
