@@ -127,7 +127,7 @@ def test_flow_matching_ode_solver_matches_euler_and_counts_calls(oracle):
 def test_unknown_sampler_setting_and_budget_are_rejected(oracle):
     with pytest.raises(ValueError, match="allowed: ucgm, ucgm-o2, euler, heun, dpm\\+\\+2m, edm"):
         get_sampler("ddim")
-    with pytest.raises(ValueError, match="allowed: \\['t_max'\\]"):
+    with pytest.raises(ValueError, match="allowed: \\['t_max', 'times', 'skip_blocks'\\]"):
         get_sampler("euler", {"extrapolation": 0.5})
     with pytest.raises(ValueError, match="nfe=0"):
         get_sampler("ucgm")(oracle, oracle.transport, make_noise(8, 0), None, 0, None)

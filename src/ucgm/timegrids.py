@@ -76,3 +76,28 @@ def karras_grid(
     check_positive_int("steps", steps)
     times = path.time_for_sigma(karras_sigmas(steps, sigma_min, sigma_max, rho)).clamp(0.0, 1.0).to(dtype)
     return torch.cat([times, torch.zeros(1, dtype=dtype)])
+
+
+def checked_grid(times: Sequence[float] | Tensor, intervals: int | None = None,
+                 dtype: torch.dtype = torch.float64) -> Tensor:
+    """An explicit grid ``t_0 > t_1 > ... > t_N = 0`` with ``t_0 <= 1`` as a tensor of ``dtype``; ``ValueError``
+    when it is not one or (``intervals`` given) when ``N != intervals``."""
+    grid = torch.as_tensor(times, dtype=torch.float64).detach().clone().reshape(-1)
+    if grid.numel() < 2 or not torch.isfinite(grid).all():
+        raise ValueError(f"times={grid.tolist()} must be at least 2 finite times")
+    if not (grid[1:] < grid[:-1]).all() or grid[0] > 1 or grid[-1] != 0:
+        raise ValueError(f"times={grid.tolist()} must decrease strictly from at most 1 and end at 0")
+    if intervals is not None and grid.numel() - 1 != intervals:
+        raise ValueError(f"times has {grid.numel() - 1} intervals but the sampler runs {intervals} at this budget; "
+                         "sample a schedule at the NFE it was made for")
+    return grid.to(dtype)
+
+
+def asymmetric_targets(grid: Tensor, time_difference: float = 0.0) -> Tensor:
+    """The times each sampling step moves its state to, with Analog Bits' asymmetric time intervals (pix2seq's
+    ``td``): step ``i`` starts at ``t_i`` and ends at ``max(t_{i+1} - td (t_i - t_{i+1}), 0)``, so from the second
+    step on the network is told a time ``td`` intervals noisier than the state's (on the uniform grid
+    ``t_i = 1 - i / N``, pix2seq's ``max(1 - (i + 1 + td) / N, 0)``). ``td = 0`` gives ``grid[1:]``."""
+    if not isinstance(time_difference, (int, float)) or isinstance(time_difference, bool) or time_difference < 0:
+        raise ValueError(f"time_difference={time_difference!r} must be a number >= 0 (pix2seq's td; 0: symmetric)")
+    return (grid[1:] - time_difference * (grid[:-1] - grid[1:])).clamp(min=0.0)

@@ -1,8 +1,10 @@
 """Searches for better sampling grids at a fixed NFE, judged on held-out samples.
 
-Two searches, both run by the seeded evolutionary minimiser of :mod:`ucgm.analysis.evolution`; the fitness is
+Two searches, both run by the seeded evolutionary search of :mod:`ucgm.analysis.evolution` (the engine of the
+AutoDiffusion search of :mod:`ucgm.analysis.autodiffusion` too); the fitness is
 a metric (lower is better) of the samples drawn from the *search* noise, and the answer is scored once more on
-*held-out* noise (and, through its metric, held-out reference samples) next to the default:
+*held-out* noise (and, through its metric, held-out reference samples) next to the default; random candidates
+(the refill of every generation) are drawn like the random seeds:
 
 * :func:`evolve_time_grid` (AutoDiffusion-style, Li et al. 2023): the grid ``t_max = t_0 > t_1 > ... > t_{N-1} >
   t_N = 0`` of Euler, Heun or DPM-Solver++(2M) with its ``N - 1`` inner times free. Mutation changes one inner
@@ -61,7 +63,8 @@ class EvaluationSet:
         return float(self.metric(result.sample)), result.nfe
 
 
-def _check_sets(search: EvaluationSet, heldout: EvaluationSet) -> None:
+def check_distinct_sets(search: EvaluationSet, heldout: EvaluationSet) -> None:
+    """Raise when the held-out noise is the search noise (a search must not be judged on what it was tuned on)."""
     if search.noise.shape == heldout.noise.shape and torch.equal(search.noise, heldout.noise):
         raise ValueError("heldout.noise equals search.noise; draw the held-out noise with another seed")
 
@@ -130,7 +133,7 @@ def evolve_time_grid(
         raise ValueError(f"t_max={t_max!r} must lie in (0, 1]")
     if not mutation_scale > 0:
         raise ValueError(f"mutation_scale={mutation_scale!r} must be positive")
-    _check_sets(search, heldout)
+    check_distinct_sets(search, heldout)
     solver, intervals_for = GRID_SAMPLERS[sampler]
     intervals = intervals_for(nfe)
     if intervals < 2:
@@ -141,14 +144,17 @@ def evolve_time_grid(
         return lambda noise, labels: solver(model, transport, noise, labels, times=_full_grid(inner, t_max))
 
     default = tuple(uniform_grid(intervals, t_max=t_max)[1:-1].tolist())
+
+    def random_grid(rng: random.Random) -> Candidate:
+        return tuple(sorted((rng.uniform(0.0, t_max) for _ in default), reverse=True))
+
     rng = random.Random(settings.seed)
-    random_grids = [tuple(sorted((rng.uniform(0.0, t_max) for _ in default), reverse=True))
-                    for _ in range(settings.population // 2 - 1)]
-    best, search_value = evolve(
-        [default, *random_grids],
+    best, search_value, _, _ = evolve(
+        [default, *(random_grid(rng) for _ in range(settings.population // 2 - 1))],
         lambda inner: search.score(draw_with(inner))[0],
         lambda inner, generator: _mutate_grid(inner, generator, t_max, mutation_scale),
         _crossover_grids,
+        random_grid,
         settings,
     )
     times = _full_grid(best, t_max)
@@ -206,7 +212,7 @@ def search_kumaraswamy(
         raise ValueError(f"extrapolation_bounds={tuple(extrapolation_bounds)!r} must be (low, high) with 0 <= low < high")
     if not mutation_scale > 0:
         raise ValueError(f"mutation_scale={mutation_scale!r} must be positive")
-    _check_sets(search, heldout)
+    check_distinct_sets(search, heldout)
     box = _Box(warp_bounds, extrapolation_bounds if search_extrapolation else None)
     default = tuple(float(p) for p in base.get("time_warp", (1.0, 1.0, 1.0)))
     if search_extrapolation:
@@ -235,10 +241,13 @@ def search_kumaraswamy(
     def crossover(first: Candidate, second: Candidate, rng: random.Random) -> Candidate:
         return tuple(rng.choice(pair) for pair in zip(first, second))
 
+    def random_point(rng: random.Random) -> Candidate:
+        return box.from_unit([rng.random() for _ in box.bounds])
+
     rng = random.Random(settings.seed)
-    random_points = [box.from_unit([rng.random() for _ in box.bounds]) for _ in range(settings.population // 2 - 1)]
-    best, search_value = evolve([default, *random_points], lambda p: search.score(draw_with(p))[0], mutate,
-                                crossover, settings)
+    random_points = [random_point(rng) for _ in range(settings.population // 2 - 1)]
+    best, search_value, _, _ = evolve([default, *random_points], lambda p: search.score(draw_with(p))[0], mutate,
+                                      crossover, random_point, settings)
     best_settings = as_settings(best)
     times = kumaraswamy_grid(intervals, best_settings["time_warp"], base.get("gaps", DEFAULT_GAPS))
     answer = {"time_warp": best[:3], "extrapolation": best_settings.get("extrapolation", 0.0)}

@@ -23,10 +23,11 @@ COMMANDS = {
     "evaluate": "evaluate a checkpoint",
     "bench": "measure speed and quality targets",
     "edit": "edit data with a trained model",
+    "search": "search a run's sampling steps (AutoDiffusion) and save the schedule",
 }
 #: Commands with a module of their own: ``module.main(argv)``.
 DISPATCHED = {"quickstart": "ucgm.cli.quickstart", "evaluate": "ucgm.cli.evaluate", "bench": "ucgm.bench",
-              "edit": "ucgm.cli.edit"}
+              "edit": "ucgm.cli.edit", "search": "ucgm.cli.search"}
 
 
 
@@ -107,7 +108,11 @@ def _sample_overrides(args: argparse.Namespace) -> list[str]:
     sampling_fields = {key.split(".", 1)[1] for key in section_keys("sampling")}
     overrides = [f"sampling.{text}" if text.partition("=")[0] in sampling_fields else text for text in args.overrides]
     flags = {"num": args.num, "sampler": args.sampler, "nfe": args.nfe, "seed": args.seed, "batch_size": args.batch_size,
-             "cfg_scale": args.cfg_scale, "labels": args.labels}
+             "cfg_scale": args.cfg_scale, "labels": args.labels, "schedule": args.schedule}
+    if args.schedule is not None and args.nfe is None:
+        from ..sampling.schedules import read_schedule
+
+        flags["nfe"] = read_schedule(args.schedule).nfe
     overrides += [f"sampling.{key}={value}" for key, value in flags.items() if value is not None]
     return overrides
 
@@ -126,6 +131,8 @@ def _sample(argv: Sequence[str]) -> int:
     parser.add_argument("--batch-size", type=int, help="samples per batch (results do not depend on it)")
     parser.add_argument("--labels", type=int, nargs="+", help="class labels, cycled over the samples")
     parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale")
+    parser.add_argument("--schedule", help="a searched schedule (ucgm search's DIR or DIR/schedule.json): its "
+                                           "sampler, times and NFE (sampling.schedule)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="weights to sample (default ema)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     _add_overrides(parser, "sampling.extrapolation=0.5, or without the section: nfe=8 gaps=[0.001,0.5]")

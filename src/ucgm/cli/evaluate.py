@@ -9,7 +9,9 @@ Baseline records (``nfe = 0``) hold the reference values, e.g. the sample-noise 
 Samplers: ``--sampler NAME[:KEY=VALUE[:KEY=VALUE ...]],...`` (default: the run's own method sampler, e.g. ``cm-multistep`` for a consistency model), e.g.
 ``--sampler ucgm,euler,heun,ucgm:extrapolation=0.3:time_warp=[1.2,1,1]``. The ``ucgm`` family starts from the
 run's own ``sampling`` settings (stochasticity, extrapolation, time_warp, gaps: a tuned few-step run samples as it
-was tuned to), which the spec's settings override; the records hold the effective settings.
+was tuned to), which the spec's settings override; the records hold the effective settings. ``--schedule DIR``
+evaluates a schedule found by ``ucgm search`` (its sampler, times and skipped blocks) at its NFE, labelled
+``schedule:DIR``, next to the ``--sampler`` ones.
 
 Metrics (see :mod:`ucgm.metrics.suites`): 2-D mixtures: sliced W2 against the exact mixture, mode statistics and
 exact mean log-likelihood; digits: digits FD; other data: sliced W2 and MMD against the run's data (or the data
@@ -45,6 +47,7 @@ from ..analysis.reports import (
 from ..metrics.fid import DINOv2Features, InceptionFeatures, MissingWeightsError
 from ..metrics.suites import FeatureDistance, MetricSuite, build_metric_suite
 from ..sampling.registry import get_sampler
+from ..sampling.schedules import read_schedule
 from ..atomic import atomic_write_text
 from ..training.checkpoint import CheckpointError
 from ..training.distributed import resolve_device
@@ -146,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="run directory, checkpoint directory or model.safetensors")
     parser.add_argument("--out", required=True, type=Path, help="output directory (metrics.json, metrics.md, png)")
-    parser.add_argument("--nfe", default=DEFAULT_NFES, help=f"comma-separated NFE budgets (default {DEFAULT_NFES})")
+    parser.add_argument("--nfe", default=None, help=f"comma-separated NFE budgets (default {DEFAULT_NFES}, or the "
+                                                   f"schedule's NFE with --schedule)")
+    parser.add_argument("--schedule", action="append", default=[], metavar="FILE",
+                        help="evaluate a searched schedule (ucgm search's DIR or DIR/schedule.json), labelled "
+                             "schedule:FILE, next to the --sampler ones; repeat for several")
     parser.add_argument("--sampler", default=None, help=f"samplers: {SPEC_SYNTAX} (default: the run's own "
                                                        f"method sampler)")
     parser.add_argument("--num", type=int, default=5000, help="samples per sampler and NFE (default 5000)")
@@ -174,8 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
 def run_evaluate(args: argparse.Namespace, command: str) -> list[dict]:
     """Validate the arguments, evaluate, write the three outputs; returns the records."""
     started = time.perf_counter()
-    nfes = parse_nfe_list(args.nfe)
+    schedules = {f"schedule:{path}": read_schedule(path) for path in args.schedule}
+    nfes = parse_nfe_list(args.nfe or ",".join(dict.fromkeys(str(s.nfe) for s in schedules.values()))
+                          or DEFAULT_NFES)
     specs = parse_sampler_specs(args.sampler) if args.sampler else []
+    specs += [SamplerSpec(label, schedule.sampler, schedule.sampler_settings()) for label, schedule in schedules.items()]
     check_positive_int("--num", args.num, minimum=2)
     check_positive_int("--batch-size", args.batch_size)
     check_positive_int("--num-reference", args.num_reference, minimum=2)

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..data.base import AffineNormalisation
+from ..data.bits import normalisation_from_dict
 from .artifacts import check_output_path, write_arrays, write_png
 from ..training.checkpoint import CheckpointError, CheckpointInfo, read_checkpoint_info
 from ..training.loading import LoadedCheckpoint
@@ -29,21 +29,24 @@ def load_checkpoint_model(checkpoint: Path | str, weights: str = "ema", device: 
     return load_sampling_model(info.path, weights, device, config)
 
 
-def _denormaliser(info: CheckpointInfo) -> Optional[AffineNormalisation]:
+def _denormaliser(info: CheckpointInfo):
+    """The checkpoint's normalisation (affine, or bits: :func:`~ucgm.data.bits.normalisation_from_dict`)."""
     if not info.normalisation:
         return None
-    return AffineNormalisation.from_dict(info.normalisation)
+    return normalisation_from_dict(info.normalisation)
 
 
 def write_samples(samples: Samples, outputs: Sequence[Path], info: CheckpointInfo) -> None:
     """Write each output by its extension: arrays in data units, PNGs of images in model space ([-1, 1] for
-    image datasets) and scatter plots of 2-D points in data units."""
+    image datasets; bit-encoded images decoded to grey levels) and scatter plots of 2-D points in data units."""
     denormaliser = _denormaliser(info)
     data = denormaliser.denormalise(samples.samples) if denormaliser is not None else samples.samples
     for path in outputs:
         path = Path(path)
         if path.suffix == ".png":
-            write_png(data if samples.samples.ndim == 2 else samples.samples, samples.labels, path)
+            display = getattr(denormaliser, "display", None)
+            images = samples.samples if display is None else display(samples.samples)
+            write_png(data if samples.samples.ndim == 2 else images, samples.labels, path)
         else:
             write_arrays(data, samples.labels, path, metadata={"checkpoint": info.path, "step": info.step})
 

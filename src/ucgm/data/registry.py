@@ -8,14 +8,19 @@ from typing import Callable
 from ..validation import check_choice
 from .base import Dataset
 from .digits import DigitsDataset
+from .discrete import CategoricalGridDataset, QuantisedDigitsDataset
 from .image_folder import ImageFolderDataset
 from .latents import LatentsDataset
 from .mixtures import MixtureDataset
+from .upsampled_digits import UpsampledDigitsDataset
 from .vae import VAEImagesDataset
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "mixture": MixtureDataset,
     "digits": DigitsDataset,
+    "categorical": CategoricalGridDataset,
+    "quantised_digits": QuantisedDigitsDataset,
+    "upsampled_digits": UpsampledDigitsDataset,
     "image_folder": ImageFolderDataset,
     "latents": LatentsDataset,
     "vae_images": VAEImagesDataset,

@@ -26,7 +26,7 @@ from .consistency.scm import SCMObjective
 from .consistency.tcm import TruncatedConsistency
 from .diffusion.flow_matching import FlowMatchingObjective
 from .diffusion.ucgm import UCGMObjective
-from .discrete import DISCRETE_METHODS
+from .discrete import DISCRETE_METHODS, WRAPPER_OPTIONS, wrapped_method
 from .distillation import DISTILLATION_METHODS
 from .distribution_matching import DISTRIBUTION_MATCHING_METHODS
 from .flow_maps import FLOW_MAP_METHODS
@@ -77,14 +77,18 @@ def method_class(name: str) -> type[Method]:
 
 
 def method_options(name: str) -> list[str]:
-    """The options method ``name`` accepts in its config section (its constructor's keyword arguments)."""
-    return [key for key in inspect.signature(method_class(name).__init__).parameters
-            if key not in ("self", "transport")]
+    """The options method ``name`` accepts in its config section: its constructor's keyword arguments and the
+    wrapper options every method takes (:data:`~ucgm.methods.discrete.WRAPPER_OPTIONS`: ``self_conditioning``,
+    ``cascade``)."""
+    own = [key for key in inspect.signature(method_class(name).__init__).parameters
+           if key not in ("self", "transport")]
+    return own + [key for key in WRAPPER_OPTIONS if key not in own]
 
 
 def build_method(config: dict[str, Any], transport: Transport) -> Method:
     """Instantiate ``config["name"]`` (default ``ucgm``) with the remaining keys as keyword arguments on the run's
-    ``transport``; an unknown option is an error naming the closest allowed one."""
+    ``transport`` (wrapped as its ``self_conditioning`` / ``cascade`` options ask); an unknown option is an error
+    naming the closest allowed one."""
     config = dict(config)
     name = config.pop("name", "ucgm")
     allowed = method_options(name)
@@ -93,4 +97,6 @@ def build_method(config: dict[str, Any], transport: Transport) -> Method:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown option {key!r} for objective {name!r}{hint}; allowed: {', '.join(allowed)}")
-    return method_class(name)(transport=transport, **config)
+    wrappers = {key: config.pop(key) for key in WRAPPER_OPTIONS if key in config}
+    build = lambda view: method_class(name)(transport=view, **config)  # noqa: E731
+    return wrapped_method(build, transport, wrappers) if wrappers else build(transport)

@@ -218,6 +218,24 @@ def _reference_indices(length: int, num_samples: int, num_reference: int, source
     return order[:num_reference], order[num_reference:num_reference + num_samples]
 
 
+#: Datasets whose metrics live in :mod:`ucgm.metrics.discrete_suites` (fixed references, no overrides).
+DISCRETE_SUITE_DATASETS = ("categorical", "quantised_digits", "upsampled_digits")
+
+
+def _discrete_suite(data: dict, num_samples: int, feature_distances: Sequence[FeatureDistance]) -> MetricSuite:
+    from ..data import build_dataset
+    from .discrete_suites import CategoricalSuite, QuantisedDigitsSuite, UpsampledDigitsSuite
+
+    if feature_distances:
+        raise ValueError(f"FID / FD-DINOv2 are not offered for {data['name']!r} data; its digits FD is computed")
+    dataset = build_dataset(data)
+    if data["name"] == "categorical":
+        return CategoricalSuite(dataset, num_samples)
+    if data["name"] == "quantised_digits":
+        return QuantisedDigitsSuite(dataset, num_samples)
+    return UpsampledDigitsSuite(dataset.size, num_samples)
+
+
 def build_metric_suite(config: dict, num_samples: int, num_classes: int, num_reference: int = 20000,
                        data_overrides: Optional[dict] = None,
                        feature_distances: Sequence[FeatureDistance] = ()) -> MetricSuite:
@@ -228,7 +246,7 @@ def build_metric_suite(config: dict, num_samples: int, num_classes: int, num_ref
     check_positive_int("num_samples", num_samples, minimum=2)
     data = copy.deepcopy(config["data"])
     name = data.get("name")
-    if data_overrides and name in ("mixture", "digits"):
+    if data_overrides and name in ("mixture", "digits") + DISCRETE_SUITE_DATASETS:
         raise ValueError(f"reference data overrides apply to file-based data only; {name!r} has a fixed reference")
     if name == "mixture":
         if feature_distances:
@@ -236,6 +254,8 @@ def build_metric_suite(config: dict, num_samples: int, num_classes: int, num_ref
         return MixtureSuite(build_dataset(data).mixture, num_samples, num_classes, num_reference)
     if name == "digits":
         return DigitsSuite(num_samples, feature_distances)
+    if name in DISCRETE_SUITE_DATASETS:
+        return _discrete_suite(data, num_samples, feature_distances)
     data.update(data_overrides or {})
     dataset = build_dataset(data)
     source = "dataset " + ", ".join(f"{key}={value}" for key, value in sorted(data.items()))

@@ -22,6 +22,7 @@ uniform grid ``uniform_grid(N, t_max)`` (setting ``t_max``, default 1), EDM on i
 | ``dddm`` | DDDM: n refinements of the estimate at t = 1 | N = n | n |
 | ``ddim`` | DDIM on a uniform grid (progressive / guided distillation) | N = n | n |
 | ``ddim-stochastic`` | Meng et al.'s stochastic DDIM: 2-interval jump, 1-interval re-noise | N = n | n |
+| ``cascade`` | a multi-resolution cascade: n split over the levels, each level its stage sampler | sum of levels | sum |
 | ``flow-map`` | two-time flow map: n jumps on a uniform / Karras grid, CTM's gamma-sampling | N = n | n |
 | ``shortcut`` | Shortcut: n jumps of step sizes 2^-k (dyadic grid), each conditioned on its step | N = n | n |
 
@@ -42,6 +43,7 @@ from torch import Tensor
 
 from ..conventions import from_flow_matching_time, to_flow_matching_time, velocity_to_flow_matching
 from .caf_sampler import caf_sample
+from .cascade_sampler import cascade_sample, default_step_fractions, split_budget
 from .consistency_sampler import consistency_sample, multistep_consistency_sample
 from .dddm_sampler import dddm_sample
 from .ddim_sampler import ddim_sample, stochastic_ddim_sample
@@ -50,7 +52,8 @@ from .result import SampleResult
 from .scm_sampler import scm_sample
 from .solvers import dpm_solver_pp_2m_sample, edm_stochastic_sample, euler_sample, heun_sample
 from .ucgm_sampler import ucgm_sample
-from ..timegrids import uniform_grid
+from ..models.skipping import StepSkipping, find_backbone
+from ..timegrids import checked_grid, uniform_grid
 from ..transports import Transport
 from ..validation import check_positive_int
 
@@ -63,8 +66,12 @@ class BudgetedSampler(Protocol):
                  generator: Optional[torch.Generator], return_trajectory: bool = False) -> SampleResult: ...
 
 
-UCGM_SETTINGS = ("stochasticity", "extrapolation", "time_warp", "gaps", "cfg_scale", "cfg_interval")
+UCGM_SETTINGS = ("stochasticity", "extrapolation", "time_warp", "gaps", "cfg_scale", "cfg_interval",
+                 "time_difference", "times", "skip_blocks")
 ODE_SETTINGS = ("t_max",)
+#: Settings of a searched schedule (:mod:`ucgm.sampling.schedules`): an explicit grid, blocks skipped per step.
+GRID_SETTINGS = ("times", "skip_blocks")
+CASCADE_SETTINGS = ("levels", "step_fractions", "stage_sampler", "stage_settings")
 EDM_SETTINGS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 #: UCGM-S's default boundary gaps (g0, g1), read from :func:`~ucgm.sampling.ucgm_sampler.ucgm_sample`.
 DEFAULT_GAPS = tuple(inspect.signature(ucgm_sample).parameters["gaps"].default)
@@ -103,17 +110,23 @@ def _ucgm(order: int, model, transport, noise, labels, nfe, generator, return_tr
                        return_trajectory=return_trajectory, **settings)
 
 
+def _grid(intervals: int, t_max: float, times: Optional[Sequence[float]]) -> Tensor:
+    """The uniform grid of ``intervals`` from ``t_max``, or the explicit ``times`` (checked to have as many)."""
+    return uniform_grid(intervals, t_max=t_max) if times is None else checked_grid(times, intervals)
+
+
 def _one_call_ode(solver: Callable, name: str, model, transport, noise, labels, nfe, generator,
-                  return_trajectory: bool = False, t_max: float = 1.0) -> SampleResult:
+                  return_trajectory: bool = False, t_max: float = 1.0,
+                  times: Optional[Sequence[float]] = None) -> SampleResult:
     _check_nfe(name, nfe)
-    return solver(model, transport, noise, labels, times=uniform_grid(nfe, t_max=t_max),
+    return solver(model, transport, noise, labels, times=_grid(nfe, t_max, times),
                   return_trajectory=return_trajectory)
 
 
 def _heun(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
-          t_max: float = 1.0) -> SampleResult:
+          t_max: float = 1.0, times: Optional[Sequence[float]] = None) -> SampleResult:
     _check_nfe("heun", nfe)
-    return heun_sample(model, transport, noise, labels, times=uniform_grid(two_call_intervals(nfe), t_max=t_max),
+    return heun_sample(model, transport, noise, labels, times=_grid(two_call_intervals(nfe), t_max, times),
                        return_trajectory=return_trajectory)
 
 
@@ -221,11 +234,51 @@ def _ddim(stochastic: bool, model, transport, noise, labels, nfe, generator, ret
     return ddim_sample(model, transport, noise, labels, steps=nfe, return_trajectory=return_trajectory)
 
 
+def _cascade(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False, levels: int = 2,
+             step_fractions: Optional[Sequence[float]] = None, stage_sampler: str = "ucgm",
+             stage_settings: Optional[Mapping[str, object]] = None) -> SampleResult:
+    """A cascade (:mod:`~ucgm.sampling.cascade_sampler`): budget ``nfe`` split over ``levels`` by
+    ``step_fractions``, every level sampled by ``stage_sampler`` with ``stage_settings``."""
+    if return_trajectory:
+        raise ValueError("the cascade sampler returns no trajectory (its levels have different shapes)")
+    fractions = list(step_fractions or default_step_fractions(levels))
+    if len(fractions) != levels:
+        raise ValueError(f"step_fractions={fractions} must list one fraction per level ({levels})")
+    stage = get_sampler(stage_sampler, stage_settings)
+    return cascade_sample(model, transport, noise, labels, split_budget(nfe, fractions), stage, generator)
+
+
+def _flow_map(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
+              grid: str = "uniform", t_max: float = 1.0, t_min: float = 0.0, sigma_min: float = 0.002,
+              sigma_max: float = 80.0, rho: float = 7.0, times: Optional[Sequence[float]] = None,
+              gamma: float = 0.0, clip: Optional[float] = None) -> SampleResult:
+    """``nfe`` flow-map jumps on :func:`~ucgm.sampling.flow_map_sampler.flow_map_grid` with CTM's ``gamma``."""
+    _check_nfe("flow-map", nfe)
+    grid_times = flow_map_grid(transport.path, nfe, grid, t_max, t_min, sigma_min, sigma_max, rho, times)
+    return flow_map_sample(model, transport, noise, labels, times=grid_times, gamma=gamma, clip=clip,
+                           generator=generator, return_trajectory=return_trajectory)
+
+
+def _shortcut(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
+              clip: Optional[float] = None) -> SampleResult:
+    """``nfe`` shortcut jumps of step sizes ``2^-k`` (:func:`~ucgm.sampling.flow_map_sampler.dyadic_grid`)."""
+    _check_nfe("shortcut", nfe)
+    return flow_map_sample(model, transport, noise, labels, times=dyadic_grid(nfe), clip=clip,
+                           generator=generator, return_trajectory=return_trajectory)
+
+
+def _generator(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
+               times: Optional[Sequence[float]] = None) -> SampleResult:
+    _check_nfe("generator", nfe)
+    return generator_sample(model, transport, noise, labels, steps=nfe, times=times, generator=generator,
+                            return_trajectory=return_trajectory)
+
+
 #: Samplers of any model of the probability-flow ODE / SDE.
 SOLVER_NAMES = ("ucgm", "ucgm-o2", "euler", "heun", "dpm++2m", "edm")
 #: Samplers of models trained by a particular method (each method names its own, :meth:`Method.sampler`).
-METHOD_SAMPLER_NAMES = ("cm-multistep", "mcm", "scm", "caf", "dddm", "ddim", "ddim-stochastic", "flow-map",
-                        "shortcut")
+METHOD_SAMPLER_NAMES = ("cm-multistep", "mcm", "scm", "caf", "dddm", "ddim", "ddim-stochastic", "cascade",
+                        "flow-map", "shortcut")
 SAMPLER_NAMES = SOLVER_NAMES + METHOD_SAMPLER_NAMES
 FLOW_MATCHING_SAMPLER_NAMES = ("fm-euler", "fm-midpoint")
 
@@ -247,11 +300,13 @@ SAMPLERS: dict[str, Callable[..., SampleResult]] = {
     "ddim-stochastic": functools.partial(_ddim, True),
     "flow-map": _flow_map,
     "shortcut": _shortcut,
+    "cascade": _cascade,
 }
 
 ALLOWED_SETTINGS: dict[str, tuple[str, ...]] = {
-    "ucgm": UCGM_SETTINGS, "ucgm-o2": UCGM_SETTINGS, "euler": ODE_SETTINGS, "heun": ODE_SETTINGS,
-    "dpm++2m": ODE_SETTINGS, "edm": EDM_SETTINGS, "fm-euler": ODE_SETTINGS, "fm-midpoint": ODE_SETTINGS,
+    "ucgm": UCGM_SETTINGS, "ucgm-o2": UCGM_SETTINGS, "euler": ODE_SETTINGS + GRID_SETTINGS,
+    "heun": ODE_SETTINGS + GRID_SETTINGS,
+    "dpm++2m": ODE_SETTINGS + GRID_SETTINGS, "edm": EDM_SETTINGS, "fm-euler": ODE_SETTINGS, "fm-midpoint": ODE_SETTINGS,
     "cm-multistep": ("sigma_min", "sigma_max", "rho"), "mcm": ("sigma_min", "sigma_max", "sigma_data", "eta"),
     "scm": ("intermediate_angles",),
     "caf": ("clip",),
@@ -259,6 +314,7 @@ ALLOWED_SETTINGS: dict[str, tuple[str, ...]] = {
     "ddim": (), "ddim-stochastic": (),
     "flow-map": ("grid", "t_max", "t_min", "sigma_min", "sigma_max", "rho", "times", "gamma", "clip"),
     "shortcut": ("clip",),
+    "cascade": CASCADE_SETTINGS,
 }
 
 
@@ -288,4 +344,26 @@ def get_sampler(name: str, settings: Optional[Mapping[str, object]] = None) -> B
     unknown = sorted(set(settings) - set(ALLOWED_SETTINGS[base]))
     if unknown:
         raise ValueError(f"unknown settings {unknown} for sampler {base!r}; allowed: {list(ALLOWED_SETTINGS[base])}")
-    return functools.partial(SAMPLERS[base], **settings)
+    skip_blocks = settings.pop("skip_blocks", None)
+    if skip_blocks is not None and settings.get("times") is None:
+        raise ValueError(f"sampler {base!r}: skip_blocks needs the schedule's times (the steps it refers to)")
+    return _trajectories(functools.partial(SAMPLERS[base], **settings), settings.get("times"), skip_blocks)
+
+
+def _trajectories(bound: Callable[..., SampleResult], times: Optional[Sequence[float]],
+                  skip_blocks: Optional[Sequence[Sequence[int]]]) -> BudgetedSampler:
+    """``bound`` run as one trajectory per call: a transport that carries state along a trajectory (e.g.
+    self-conditioning's previous estimate) is told it starts (``transport.begin_sampling()``), and with
+    ``skip_blocks`` the backbone skips ``skip_blocks[i]`` at step ``i`` of ``times``
+    (:class:`~ucgm.models.skipping.StepSkipping`)."""
+
+    def run(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False) -> SampleResult:
+        begin = getattr(transport, "begin_sampling", None)
+        if begin is not None:
+            begin()
+        if skip_blocks is not None:
+            network_times = transport.network_time(checked_grid(times)[:-1])
+            model = StepSkipping(model, find_backbone(model), network_times, skip_blocks)
+        return bound(model, transport, noise, labels, nfe, generator, return_trajectory=return_trajectory)
+
+    return run

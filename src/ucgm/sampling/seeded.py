@@ -19,6 +19,7 @@ from .noise import PerSampleNoise
 from .registry import get_sampler
 from ..transports import Transport
 from .settings import SamplingConfig
+from .schedules import read_schedule
 from ..seeding import SAMPLE_STREAM, derive_seed, seeded_generator
 
 _FRESH_NOISE = 1
@@ -66,7 +67,11 @@ UCGM_FAMILY = ("ucgm", "ucgm-o2")
 def resolve_sampler(settings: SamplingConfig, method_sampler: tuple[str, dict] = ("ucgm", {})) -> tuple[str, dict]:
     """The registry sampler and its settings: ``settings.sampler``, or the method's own (``method_sampler``,
     from :meth:`ucgm.methods.base.Method.sampler`) when it is ``None``; the method's settings apply whenever its
-    sampler is chosen, and UCGM-S also takes the section's stochasticity, extrapolation, warp and gaps."""
+    sampler is chosen, and UCGM-S also takes the section's stochasticity, extrapolation, warp and gaps. A
+    ``settings.schedule`` file (:mod:`ucgm.sampling.schedules`) names the sampler and all its settings instead."""
+    if settings.schedule is not None:
+        schedule = read_schedule(settings.schedule)
+        return schedule.sampler, schedule.sampler_settings()
     method_name, method_options = method_sampler
     name = settings.sampler or method_name
     options = dict(method_options) if name == method_name else {}

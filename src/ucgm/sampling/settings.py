@@ -26,6 +26,7 @@ class SamplingConfig:
     batch_size: int = 256
     seed: int = 0
     labels: Optional[list] = None
+    schedule: Optional[str] = None
 
     def validate(self, prefix: str = "sampling") -> None:
         require_choice(f"{prefix}.sampler", self.sampler, (None,) + SAMPLER_NAMES)
@@ -44,6 +45,8 @@ class SamplingConfig:
         require_int(f"{prefix}.num", self.num, 1)
         require_int(f"{prefix}.batch_size", self.batch_size, 1)
         require_int(f"{prefix}.seed", self.seed, 0)
+        require(self.schedule is None or isinstance(self.schedule, str), f"{prefix}.schedule", self.schedule,
+                "must be null or the path of a schedule file (ucgm search's schedule.json)")
         require(self.labels is None or (isinstance(self.labels, list) and self.labels
                                          and all(is_int(label) and label >= 0 for label in self.labels)),
                  f"{prefix}.labels", self.labels, "must be null or a non-empty list of class ids")

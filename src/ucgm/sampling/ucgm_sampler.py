@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..timegrids import kumaraswamy_grid
+from ..timegrids import asymmetric_targets, checked_grid, kumaraswamy_grid
 from ..transports import Transport
 from ..validation import check_batch, check_choice, check_finite, check_positive_int, check_range
 from .noise import normal_noise
@@ -81,12 +81,17 @@ def ucgm_sample(
     cfg_interval: Optional[Sequence[float]] = None,
     generator: Optional[torch.Generator] = None,
     return_trajectory: bool = False,
+    times: Optional[Sequence[float] | Tensor] = None,
+    time_difference: float = 0.0,
 ) -> SampleResult:
     """Sample with UCGM-S.
 
     ``steps``: sampling steps (order 2 uses ``ceil(steps / 2)`` intervals); ``stochasticity`` rho in [0, 1] or
     ``"sde"``; ``extrapolation`` kappa >= 0; ``time_warp`` the Kumaraswamy ``(a, b, c)``; ``gaps`` the boundary
     gaps ``(g0, g1)``; ``cfg_scale`` / ``cfg_interval`` classifier-free guidance on the network time.
+    ``times``: an explicit grid ``t_0 > ... > t_N = 0`` (a searched schedule) instead of the warped one, with
+    ``N`` the intervals of ``steps``; ``time_difference``: Analog Bits' asymmetric time intervals (each step
+    moves its state to :func:`~ucgm.timegrids.asymmetric_targets`, pix2seq's ``td``; 0 by default).
     Returns the sample, the states at the grid times (with the sample last) when ``return_trajectory``, and
     the number of network calls.
     """
@@ -101,7 +106,11 @@ def ucgm_sample(
         model = ClassifierFreeGuidance(model, cfg_scale, cfg_interval)
 
     intervals = (steps + 1) // 2 if order == 2 else steps
-    times = kumaraswamy_grid(intervals, time_warp, gaps, dtype=noise.dtype).to(noise.device)
+    if times is None:
+        times = kumaraswamy_grid(intervals, time_warp, gaps, dtype=noise.dtype).to(noise.device)
+    else:
+        times = checked_grid(times, intervals, noise.dtype).to(noise.device)
+    targets = asymmetric_targets(times, time_difference)
     # The official loop treats the appended 0 as a grid point when g1 == 0: no correction is skipped then.
     corrected_intervals = intervals if float(gaps[1]) == 0.0 else intervals - 1
     network_dtype = noise.dtype
@@ -119,7 +128,7 @@ def ucgm_sample(
         return prediction.data.to(torch.float64), prediction.noise.to(torch.float64), prediction.data
 
     for i in range(intervals):
-        t_cur, t_next = times[i], times[i + 1]
+        t_cur, t_next = times[i], targets[i]
         data_hat, noise_hat, sample = predict(state, t_cur)
         if extrapolation > 0:
             raw_data, raw_noise = data_hat, noise_hat
