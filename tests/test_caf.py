@@ -132,3 +132,19 @@ def test_couplings_are_generated_once_kept_in_the_state_and_not_regenerated_on_r
 
     modes = make_mixture("8gaussians").means[later["labels"]].float()
     assert float((later["samples"] - modes).norm(dim=1).max()) < 0.35
+
+
+def test_the_optional_adversarial_stage_trains_a_discriminator_phase(tmp_path):
+    from ucgm.cli.run_log import read_stats
+    from ucgm.training.checkpoint import read_checkpoint_info
+
+    overrides = ["objective=caf", "objective.num_couplings=256", "objective.teacher_steps=8",
+                 "objective.adversarial_weight=0.5", "objective.adversarial_start=2", "training.steps=4",
+                 "training.log_every=1", "training.checkpoint_every=4"]
+    run_training(tiny_gmm_config(*overrides), tmp_path / "run", progress=False)
+    records = read_stats(tmp_path / "run" / "stats.jsonl")
+    assert all({"loss/velocity", "loss/acceleration", "loss/discriminator"} <= set(record) for record in records)
+    weights = [record["caf_adaptive_weight"] for record in records if "caf_adaptive_weight" in record]
+    assert weights and all(0.01 <= weight <= 10 for weight in weights)
+    assert "discriminator" in read_checkpoint_info(tmp_path / "run").groups
+    assert ConstantAccelerationFlowMethod().schedule()[-1].name == "acceleration"  # off by default

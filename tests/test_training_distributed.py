@@ -81,12 +81,10 @@ with distributed_session("cpu", timeout_seconds=30) as context:
 def test_a_failing_rank_ends_the_job_with_an_error(tmp_path):
     script = tmp_path / "failing_job.py"
     script.write_text(textwrap.dedent(FAILING_JOB))
-    started = time.monotonic()
-    job = _torchrun(str(script), timeout=120)
+    job = _torchrun(str(script), timeout=120)  # a hanging job fails the test by the timeout
     assert job.returncode != 0
     assert "injected failure on rank 1" in job.stderr
     assert "rank 1/2 failed" in job.stderr
-    assert time.monotonic() - started < 100
 
 
 @pytest.mark.slow

@@ -24,11 +24,11 @@ METADATA = {"config": {}, "data_shape": [2], "num_classes": 0}
 OPTIMIZER = OptimizerConfig(lr=1e-2, warmup_steps=2, grad_clip=1.0)
 
 
-def _trainer(objective=None, seed=0, pretrained=False, batches=None, **training) -> Trainer:
+def _trainer(objective=None, seed=0, pretrained=False, batches=None, make_model=TinyMLP, **training) -> Trainer:
     torch.manual_seed(seed)
     settings = TrainingConfig(**{"steps": 10, "batch_size": 8, **training})
-    return Trainer.for_objective(TinyMLP(), objective or TinyFlowMatching(), batches or GaussianBatches(), settings,
-                                 OPTIMIZER, pretrained=pretrained)
+    return Trainer.for_objective(make_model(), objective or TinyFlowMatching(), batches or GaussianBatches(),
+                                 settings, OPTIMIZER, pretrained=pretrained)
 
 
 def _losses_per_step(trainer: Trainer, until: int) -> list[dict]:
@@ -121,6 +121,66 @@ def test_batches_of_indexed_datasets_carry_their_sample_indices():
     assert batch.indices.shape == (8,) and torch.equal(batch.data, data[batch.indices])
     assert next(iter(ShardPlan(DatasetBatches(GaussianBatches(), 1), 8, 1, 0, 1, 1,
                                torch.device("cpu")).micro_batches(0))).indices is None
+
+
+class _ImageRegression(TinyFlowMatching):
+    """A stand-in loss on flattened images, two updates per step, recording the sample indices it trains on."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def schedule(self):
+        return [Phase("train", ("model",), repeats=2)]
+
+    def loss(self, phase, networks, batch):
+        self.seen.append(batch.indices.tolist())
+        data = batch.data.flatten(1)
+        t = torch.rand(data.shape[0], generator=batch.generator)
+        per_sample = ((networks["model"](data, t) - data.flip(1)) ** 2).mean(dim=1)
+        return ObjectiveOutput(per_sample.mean(), per_sample.detach(), {})
+
+
+def _image_folder(root):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for index in range(5):
+            pixels = torch.randint(0, 256, (2, 3), generator=generator, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").save(root / label / f"{index}.png")
+
+
+def test_image_folders_are_decoded_by_dataloader_workers_with_the_in_process_batches_and_resume(tmp_path):
+    """Image folders go through a DataLoader with worker processes and prefetch; the shards (data, labels, indices)
+    are exactly the in-process ones for every update of a 2-update step with 2 accumulation rounds, and a trainer
+    resumed mid-run restarts the loader at its step."""
+    from ucgm.data.image_folder import ImageFolderDataset
+    from ucgm.training.batches import DatasetBatches, LoaderBatches
+
+    _image_folder(tmp_path / "images")
+    dataset = ImageFolderDataset(tmp_path / "images", mode="L")
+    runs = {}
+    for workers in (0, 2):
+        trainer = _trainer(_ImageRegression(), batches=dataset, steps=6, grad_accumulation=2, data_workers=workers,
+                           data_prefetch=3, ema=EMAConfig(kind="none"), make_model=lambda: TinyMLP(dim=6))
+        source = trainer.plan.source
+        assert isinstance(source, LoaderBatches if workers else DatasetBatches)
+        runs[workers] = (_losses_per_step(trainer, 3), trainer)
+        if workers:
+            assert isinstance(source._iterator, torch.utils.data.dataloader._MultiProcessingDataLoaderIter)
+            assert source._iterator._num_workers == 2 and source._iterator._prefetch_factor == 3
+    (serial, serial_trainer), (loaded, loaded_trainer) = runs[0], runs[2]
+    assert loaded == serial and loaded_trainer.method.seen == serial_trainer.method.seen
+    assert len(loaded_trainer.method.seen) == 3 * 2 * 2
+    loaded_trainer.save_checkpoint(tmp_path / "run", METADATA)
+    resumed = _trainer(_ImageRegression(), batches=dataset, steps=6, grad_accumulation=2, data_workers=2,
+                       ema=EMAConfig(kind="none"), make_model=lambda: TinyMLP(dim=6))
+    resumed.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000003")
+    assert _losses_per_step(resumed, 6) == _losses_per_step(serial_trainer, 6)
+    assert resumed.method.seen == serial_trainer.method.seen[12:]
+    resumed.plan.source.close()
 
 
 def test_grad_accumulation_matches_the_mean_of_its_micro_batches():
@@ -258,6 +318,26 @@ def test_non_finite_updates_are_skipped_counted_and_a_run_of_them_stops_training
     with pytest.raises(TrainingDiverged, match="3 consecutive updates"):
         diverging.fit(10)
     assert diverging.step == 4  # steps 2, 3, 4 non-finite: the third ends the run
+
+
+def test_a_diverging_run_logs_its_non_finite_steps_and_stops_keeping_the_last_good_checkpoint(tmp_path):
+    """Through ``run_training``: the skipped updates are counted in stats.jsonl, the run ends with a clear error
+    after ``training.max_nonfinite_steps`` of them, and its checkpoints hold the last finite weights."""
+    from ucgm.cli.run_log import read_stats
+    from ucgm.cli.train import run_training
+    from ucgm.training.checkpoint import latest_checkpoint, read_weights
+
+    config = tiny_gmm_config("objective=training_fixtures:DivergingFlowMatching", "objective.diverge_at=6",
+                             "training.steps=20", "training.log_every=1", "training.checkpoint_every=4",
+                             "training.max_nonfinite_steps=3")
+    with pytest.raises(TrainingDiverged, match="3 consecutive updates of model had non-finite gradients"):
+        run_training(config, tmp_path, progress=False)
+    records = read_stats(tmp_path / "stats.jsonl")
+    assert [record["nonfinite_steps"] for record in records] == [0] * 6 + [1, 2]  # step 9 raises before its record
+    checkpoint = latest_checkpoint(tmp_path)
+    assert checkpoint.name == "step_0000008"  # written during the skipped updates: the weights of step 6
+    weights = read_weights(checkpoint, "model")
+    assert all(torch.isfinite(value).all() for value in weights.values())
 
 
 def test_objective_stats_and_logged_loss_are_read_only_at_log_steps():

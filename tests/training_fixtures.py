@@ -135,3 +135,24 @@ class TwoNetworkMethod(Method):
 
     def load_state_dict(self, state):
         self.critic_losses = state["critic_losses"].clone()
+
+
+class DivergingFlowMatching(TinyFlowMatching):
+    """The stand-in flow-matching loss, made non-finite from training step ``diverge_at`` on (by import path:
+    ``objective=training_fixtures:DivergingFlowMatching``)."""
+
+    def __init__(self, transport=None, diverge_at: int = 6):
+        from ucgm.transports import make_transport
+
+        super().__init__()
+        self.transport = transport or make_transport("linear")
+        self.diverge_at, self.step = diverge_at, 0
+
+    def set_progress(self, step, total_steps=None):
+        self.step = step
+
+    def __call__(self, model, data, labels=None, **kwargs):
+        output = super().__call__(model, data, labels, **kwargs)
+        if self.step < self.diverge_at:
+            return output
+        return ObjectiveOutput(output.loss * float("nan"), output.per_sample, output.stats)

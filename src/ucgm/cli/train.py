@@ -41,7 +41,8 @@ from ..seeding import INIT_STREAM, derive_seed, seed_global_rngs
 CONFIG_FILE = "config.yaml"
 #: Settings that may change between a run and its resumption (duration, cadence, placement, sampling).
 RESUMABLE_CHANGES = ("training.steps", "training.kimg", "training.log_every", "training.checkpoint_every",
-                     "training.keep_last", "training.sample_every", "training.dist_timeout", "training.device")
+                     "training.keep_last", "training.sample_every", "training.dist_timeout", "training.device",
+                     "training.data_workers", "training.data_prefetch")
 
 
 def check_resumable(saved: dict, config: dict, run_dir: Path) -> None:

@@ -106,7 +106,12 @@ class Dataset:
 
 
 class FiniteDataset(Dataset):
-    """A dataset of ``len(self)`` indexed samples; random batches draw indices uniformly with replacement."""
+    """A dataset of ``len(self)`` indexed samples; random batches draw indices uniformly with replacement.
+
+    ``decoded_per_batch``: whether :meth:`batch` decodes its samples from files (the trainer then decodes the
+    coming batches in ``DataLoader`` worker processes)."""
+
+    decoded_per_batch = False
 
     def __len__(self) -> int:
         raise NotImplementedError

@@ -29,6 +29,8 @@ class ImageFolderDataset(FiniteDataset):
     ``image_size``: ``None`` (keep sizes; all must match), an int (square) or ``(height, width)``.
     """
 
+    decoded_per_batch = True
+
     def __init__(
         self, root: Union[str, Path], image_size: Optional[Union[int, Sequence[int]]] = None, mode: str = "RGB"
     ):

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..methods.base import Method, Networks, Phase
-from .batches import BatchSource, DatasetBatches, ShardPlan
+from .batches import BatchSource, ShardPlan, dataset_batches
 from .checkpoint import CheckpointError, read_state, read_weights, weight_group_names, write_checkpoint
 from .distributed import DistributedContext, resolve_device
 from .networks import NetworkSetup, TrainedNetwork, build_networks
@@ -78,9 +78,10 @@ class Trainer:
         self._tracking = [(network, self.networks[network.spec.tracks]) for network in self.networks.values()
                           if network.spec.tracks is not None]
         self._total_steps = training.total_steps()
-        source: BatchSource = batches if hasattr(batches, "shard_batch") else DatasetBatches(batches, training.seed)
+        source: BatchSource = batches if hasattr(batches, "shard_batch") else dataset_batches(batches, training)
         self.plan = ShardPlan(source, training.batch_size, training.grad_accumulation, self.context.rank,
-                              self.context.world_size, training.seed, self.context.device)
+                              self.context.world_size, training.seed, self.context.device,
+                              updates_per_step=sum(phase.repeats for phase in self.schedule))
         self.step = 0
         self.nonfinite_steps = 0
         self._nonfinite_run = 0

@@ -66,7 +66,9 @@ class EMAConfig:
 @dataclass
 class TrainingConfig:
     """Duration (``steps`` or ``kimg``), batch, EMA, precision, seed, parallelism, the logging cadence, and how
-    many consecutive updates with non-finite gradients (skipped) end a run (``max_nonfinite_steps``)."""
+    many consecutive updates with non-finite gradients (skipped) end a run (``max_nonfinite_steps``); datasets
+    that decode every batch from files are read by ``data_workers`` loader processes (0: in the training process),
+    each ``data_prefetch`` shards ahead (:func:`ucgm.training.batches.dataset_batches`)."""
 
     steps: Optional[int] = None
     kimg: Optional[float] = None
@@ -83,6 +85,8 @@ class TrainingConfig:
     dist_timeout: float = 600.0
     max_nonfinite_steps: int = 20
     device: str = "auto"
+    data_workers: int = 2
+    data_prefetch: int = 2
 
     def validate(self, prefix: str = "training") -> None:
         require((self.steps is None) != (self.kimg is None), f"{prefix}.steps", self.steps,
@@ -108,6 +112,8 @@ class TrainingConfig:
                  self.dist_timeout, "must be a positive number of seconds")
         require(isinstance(self.device, str) and self.device.split(":")[0] in ("auto", "cpu", "cuda", "mps"),
                  f"{prefix}.device", self.device, "allowed values: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+        require_int(f"{prefix}.data_workers", self.data_workers, 0)
+        require_int(f"{prefix}.data_prefetch", self.data_prefetch, 1)
 
     def total_steps(self) -> int:
         """The run length in optimisation steps (``kimg`` thousand images rounded up to whole batches)."""

@@ -13,7 +13,13 @@ once, kept in the method state, read by index).
 * **Stage 2** (network ``model``, ``a_theta(x, tau, v_hat0)`` with the model condition ``initial_velocity``):
   ``v_hat0 = sg v_phi(x0, 0)``; ``x_tau`` with ``v0 = v_hat0``; regress ``a_theta(x_tau, tau, v_hat0)`` on
   ``a* = 2 (x1 - x0) - 2 v_hat0``.
-* **Stage 3** (optional, off by default and on the toys): an adversarial term; not part of ucgm's CAF (see below).
+* **Stage 3** (optional: ``adversarial_weight > 0``; off by default and on the toys): a discriminator ``D``
+  (network ``discriminator``: a backbone of the run's model section read at ``t = 0`` and averaged to one logit
+  per sample) trained with the hinge loss ``relu(1 - D(x_real)) + relu(1 + D(x_hat1))`` on the data batch against the
+  one-step estimate ``x_hat1 = x0 + v_hat0 + a_theta(x0, 0, v_hat0) / 2``; the acceleration loss adds
+  ``lambda * adversarial_weight * (-D(x_hat1))`` from step ``adversarial_start`` on, with the official adaptive
+  ``lambda = ||grad_W L_caf|| / (||grad_W L_gan|| + 1e-4)`` clipped to [0.01, 10] (``W``: the acceleration network's
+  last parameter).
 
 Times ``tau ~ U{0, 1/T, ..., 1}`` (``T = time_steps`` = 1000). Distance ``l2`` (mean squared error) or ``huber``
 (``(sqrt(||d||^2 + c^2) - c) / D``, ``c = 0.00054 D``, official ``loss_func_huber``).
@@ -31,8 +37,10 @@ pairs); stage 3 lr 2e-5 with a projected discriminator (DeiT + EfficientNet feat
 one run instead of two separate 1M-step runs; stage 2 reads ``v_hat0`` from the velocity network's evaluation
 EMA (the weights the sampler uses), so the acceleration target follows the velocity model while it trains.
 (2) No LPIPS term (``lpips_huber`` needs ImageNet features; ucgm loads no weights): ``l2`` or ``huber`` only.
-(3) No stage 3: the adversarial fine-tune needs a feature-network discriminator; the toys run without it, as
-the issue allows. (4) ``teacher=None`` trains on independent pairs (fresh noise, a data batch) — CAF without
+(3) Stage 3's discriminator is a plain backbone on the samples, not the projected discriminator on frozen DeiT /
+EfficientNet features (ucgm loads no weights); it runs as a third phase of the same run from
+``adversarial_start``, G and D updated every step (official: a separate fine-tune with ``g_learning_period`` 2).
+(4) ``teacher=None`` trains on independent pairs (fresh noise, a data batch) — CAF without
 reflow, for data without a teacher (the digits preset); the official recipe always uses teacher couplings.
 (5) The teacher couplings come from ucgm's probability-flow solver (Heun on a uniform grid from ``t = 1``), not
 EDM's Karras-grid sampler; labels of a conditional teacher are uniform over the classes. (6) No output clamp by
@@ -57,6 +65,9 @@ CAF_DISTANCES = ("l2", "huber")
 #: The official pseudo-Huber constant per data dimension (``loss_func_huber``: ``c = 0.00054 D``).
 HUBER_CONSTANT_PER_DIMENSION = 0.00054
 VELOCITY_ROLE = "velocity"
+DISCRIMINATOR_ROLE = "discriminator"
+#: Official clip of stage 3's adaptive weight (``get_GAN_loss``).
+ADAPTIVE_WEIGHT_RANGE = (0.01, 10.0)
 
 
 def caf_distance(prediction: Tensor, target: Tensor, distance: str) -> Tensor:
@@ -113,7 +124,8 @@ class ConstantAccelerationFlowMethod(Method):
     whose ODE makes ``num_couplings`` pairs with ``teacher_steps`` steps of ``teacher_solver``; ``None`` pairs fresh
     noise with the data batch. ``initial_velocity_scale`` = h; ``time_steps`` = T of the discrete ``tau`` grid;
     ``distance`` ``l2`` | ``huber``; ``label_dropout`` drops labels to the null label (classifier-free guidance);
-    ``clip`` clamps the samples of its sampler (official: 1 for images in [-1, 1]).
+    ``clip`` clamps the samples of its sampler (official: 1 for images in [-1, 1]); ``adversarial_weight`` > 0 adds
+    stage 3 from step ``adversarial_start``.
     """
 
     family = "flow_maps"
@@ -133,11 +145,17 @@ class ConstantAccelerationFlowMethod(Method):
         label_dropout: float = 0.0,
         null_label: Optional[int] = None,
         clip: Optional[float] = None,
+        adversarial_weight: float = 0.0,
+        adversarial_start: int = 0,
     ):
         self.transport = make_transport(transport) if isinstance(transport, str) else transport
         if clip is not None:
             check_range("clip", clip, 0.0, float("inf"))
         self.clip = clip
+        check_range("adversarial_weight", adversarial_weight, 0.0, float("inf"))
+        check_positive_int("adversarial_start", adversarial_start, minimum=0)
+        self.adversarial_weight, self.adversarial_start = float(adversarial_weight), adversarial_start
+        self.step = 0
         check_positive_int("num_couplings", num_couplings)
         check_positive_int("teacher_steps", teacher_steps)
         check_choice("teacher_solver", teacher_solver, PROBABILITY_FLOW_SOLVERS)
@@ -159,12 +177,20 @@ class ConstantAccelerationFlowMethod(Method):
     # ------------------------------------------------------------------------------------ declaration
     def networks(self) -> dict[str, NetworkSpec]:
         specs = {"model": NetworkSpec(conditions=("initial_velocity",)), VELOCITY_ROLE: NetworkSpec()}
+        if self.adversarial_weight > 0:
+            specs[DISCRIMINATOR_ROLE] = NetworkSpec(ema={"kind": "none"})
         if self.teacher is not None:
             specs.update(self.teacher.network_specs())
         return specs
 
     def schedule(self) -> list[Phase]:
-        return [Phase("velocity", (VELOCITY_ROLE,)), Phase("acceleration", ("model",))]
+        phases = [Phase("velocity", (VELOCITY_ROLE,)), Phase("acceleration", ("model",))]
+        if self.adversarial_weight > 0:
+            phases.append(Phase("discriminator", (DISCRIMINATOR_ROLE,)))
+        return phases
+
+    def set_progress(self, step: int, total_steps: Optional[int] = None) -> None:
+        self.step = step
 
     def set_seed(self, seed: int) -> None:
         self.seed = int(seed)
@@ -204,7 +230,23 @@ class ConstantAccelerationFlowMethod(Method):
         steps = torch.randint(self.time_steps + 1, (batch_size,), generator=generator)
         return (steps.to(torch.float64) / self.time_steps).to(like.dtype).to(like.device)
 
+    def one_step_estimate(self, networks: Networks, noise: Tensor, labels: Optional[Tensor],
+                          acceleration: Callable) -> Tensor:
+        """``x_hat1 = x0 + v_hat0 + a(x0, tau=0, v_hat0) / 2`` (``v_hat0`` from the velocity EMA, no gradient)."""
+        initial_velocity = self.initial_velocity(networks, noise, labels)
+        ones = torch.ones(noise.shape[0], dtype=noise.dtype, device=noise.device)
+        return noise + initial_velocity + 0.5 * acceleration(noise, ones, labels, initial_velocity=initial_velocity)
+
+    def initial_velocity(self, networks: Networks, noise: Tensor, labels: Optional[Tensor]) -> Tensor:
+        """``v_hat0 = sg v_phi(x0, tau=0)`` from the velocity network's evaluation EMA (else the network)."""
+        velocity = networks.ema(VELOCITY_ROLE)
+        velocity = networks.module(VELOCITY_ROLE) if velocity is None else velocity
+        with torch.no_grad():
+            return velocity(noise, torch.ones(noise.shape[0], dtype=noise.dtype, device=noise.device), labels)
+
     def loss(self, phase: str, networks: Networks, batch: Batch) -> ObjectiveOutput:
+        if phase == "discriminator":
+            return self.discriminator_loss(networks, batch)
         noise, data, labels = self.pairs(networks, batch)
         tau = self.draw_tau(data.shape[0], batch.generator, data)
         null = resolve_null_label(networks.module("model"), self.null_label)
@@ -214,15 +256,43 @@ class ConstantAccelerationFlowMethod(Method):
             target = self.initial_velocity_scale * (data - noise)
             prediction = networks[VELOCITY_ROLE](caf_state(noise, data, target, tau), time, labels)
         else:
-            velocity = networks.ema(VELOCITY_ROLE)
-            velocity = networks.module(VELOCITY_ROLE) if velocity is None else velocity
-            with torch.no_grad():
-                initial_velocity = velocity(noise, torch.ones_like(time), labels)
+            initial_velocity = self.initial_velocity(networks, noise, labels)
             target = caf_acceleration_target(noise, data, initial_velocity)
             prediction = networks["model"](caf_state(noise, data, initial_velocity, tau), time, labels,
                                            initial_velocity=initial_velocity)
         per_sample = caf_distance(prediction, target, self.distance)
+        if phase == "acceleration" and self.adversarial_weight > 0 and self.step >= self.adversarial_start:
+            return self.with_adversarial_term(networks, per_sample, noise, labels)
         return ObjectiveOutput(per_sample.mean(), per_sample.detach(), {})
+
+    def discriminate(self, networks: Networks, x: Tensor, labels: Optional[Tensor]) -> Tensor:
+        """One logit per sample: the discriminator backbone at ``t = 0`` averaged over values."""
+        zeros = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        return networks[DISCRIMINATOR_ROLE](x, zeros, labels).flatten(1).mean(dim=1)
+
+    def discriminator_loss(self, networks: Networks, batch: Batch) -> ObjectiveOutput:
+        """Stage 3's hinge loss ``relu(1 - D(real)) + relu(1 + D(fake))``, real = the data batch, fake = the
+        one-step estimate from fresh coupling noise (no gradient to the generator)."""
+        noise, _, labels = self.pairs(networks, batch)
+        with torch.no_grad():
+            fake = self.one_step_estimate(networks, noise, labels, networks.module("model"))
+        per_sample = torch.relu(1 - self.discriminate(networks, batch.data, batch.labels)) + \
+            torch.relu(1 + self.discriminate(networks, fake, labels))
+        return ObjectiveOutput(per_sample.mean(), per_sample.detach(), {})
+
+    def with_adversarial_term(self, networks: Networks, per_sample: Tensor, noise: Tensor,
+                              labels: Optional[Tensor]) -> ObjectiveOutput:
+        """``L_caf + adversarial_weight * lambda * L_gan`` with ``L_gan = -mean D(x_hat1)`` and the adaptive ``lambda``
+        (module docstring)."""
+        caf_loss = per_sample.mean()
+        fake = self.one_step_estimate(networks, noise, labels, networks["model"])
+        generator_loss = -self.discriminate(networks, fake, labels).mean()
+        last = [parameter for parameter in networks["model"].parameters() if parameter.requires_grad][-1]
+        caf_gradient = torch.autograd.grad(caf_loss, last, retain_graph=True)[0]
+        gan_gradient = torch.autograd.grad(generator_loss, last, retain_graph=True)[0]
+        adaptive = (caf_gradient.norm() / (gan_gradient.norm() + 1e-4)).clamp(*ADAPTIVE_WEIGHT_RANGE).detach()
+        loss = caf_loss + self.adversarial_weight * adaptive * generator_loss
+        return ObjectiveOutput(loss, per_sample.detach(), {"caf_adaptive_weight": adaptive})
 
     # --------------------------------------------------------------------------------------- sampling
     def sampler(self) -> tuple[str, dict]:

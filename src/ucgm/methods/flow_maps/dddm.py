@@ -101,7 +101,7 @@ class DirectlyDenoisingMethod(Method):
         self.distance, self.huber_constant = distance, float(huber_constant)
         self.label_dropout, self.null_label = float(label_dropout), null_label
         self.time_distribution = time_distribution
-        self.chain_times = self.transport.path.time_for_ratio(vp_chain_ratios(diffusion_steps, tuple(beta_range)))
+        self.chain_times = self.transport.path.time_for_sigma(vp_chain_ratios(diffusion_steps, tuple(beta_range)))
         self.buffer = EstimateBuffer()
 
     def networks(self) -> dict[str, NetworkSpec]:

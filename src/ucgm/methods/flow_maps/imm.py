@@ -47,15 +47,24 @@ the map at sampling.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ...transports import Transport, make_transport
 from ...validation import check_choice, check_positive_int, check_range
-from ..base import Batch, Method, NetworkSpec, Networks, ObjectiveOutput, drop_labels, resolve_null_label
+from ..base import (
+    Batch,
+    Method,
+    NetworkSpec,
+    Networks,
+    ObjectiveOutput,
+    drop_labels,
+    dropout_seed,
+    resolve_null_label,
+    shared_randomness,
+)
 from .core import FlowMapModel, FlowMapParameterisation, jump_coefficients
 
 #: IMM's f-types and the ucgm parameterisation of the run's path each one is.
@@ -97,19 +106,6 @@ def imm_weight(transport: Transport, t: Tensor, bias: float, power: float) -> Te
     log_snr = 2 * torch.log(signal / noise)
     slope = 2 * (path.alpha_dot(t) / noise - path.gamma_dot(t) / signal)
     return 0.5 * torch.sigmoid(bias - log_snr) * slope * signal**power / (signal**2 + noise**2)
-
-
-@contextmanager
-def same_dropout(seed: int, device: torch.device) -> Iterator[None]:
-    """Run a network pass with the global RNG (dropout) seeded by ``seed``, restoring its state after: two passes
-    under the same seed draw the same dropout masks."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.default_generator.manual_seed(seed)
-        if devices:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
 
 
 class InductiveMomentMatching(Method):
@@ -164,8 +160,8 @@ class InductiveMomentMatching(Method):
 
     # --------------------------------------------------------------------------------------- training
     def eta(self, t: Tensor) -> Tensor:
-        """``eta(t) = alpha / gamma`` (IMM's ``sigma_t / alpha_t``)."""
-        return self.transport.path.alpha(t) / self.transport.path.gamma(t)
+        """``eta(t) = sigma(t) = alpha / gamma`` (IMM's ``sigma_t / alpha_t``)."""
+        return self.transport.path.sigma(t)
 
     def group_times(self, groups: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """``(t, r, s)`` per group (float64 ``(G,)``): ``t ~ U(eps, T)``, ``s ~ U(eps, t)``, ``r = max(s,
@@ -176,7 +172,7 @@ class InductiveMomentMatching(Method):
         limits = torch.tensor([high, low], dtype=torch.float64)
         eta_high, eta_low = self.eta(limits).tolist()
         decrement = (eta_high - eta_low) / 2**self.decrement_exponent
-        r = self.transport.path.time_for_ratio((self.eta(t) - decrement).clamp_min(0.0))
+        r = self.transport.path.time_for_sigma((self.eta(t) - decrement).clamp_min(0.0))
         return t, torch.maximum(r, s), s
 
     def kernel_weight(self, t: Tensor, s: Tensor) -> Tensor:
@@ -201,10 +197,10 @@ class InductiveMomentMatching(Method):
         t_p, r_p, s_p = per_particle(t), per_particle(r), per_particle(s)
         y_t = self.transport.interpolate(data, noise, t_p)
         y_r = self.transport.interpolate(data, noise, r_p)
-        dropout_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        with same_dropout(dropout_seed, data.device):
+        seed = dropout_seed(generator)
+        with shared_randomness(seed, data.device):
             f_st = self.flow_map.jump(networks["model"], y_t, t_p, s_p, labels)
-        with same_dropout(dropout_seed, data.device), torch.no_grad():
+        with shared_randomness(seed, data.device), torch.no_grad():
             f_sr = self.flow_map.jump(networks.module("model"), y_r, r_p, s_p, labels)
         weight = self.kernel_weight(t, s).to(data.dtype).to(data.device)
         mmd = mmd_v_statistic(f_st.reshape(groups, group, -1), f_sr.reshape(groups, group, -1), weight,
