@@ -173,7 +173,7 @@ def test_edit_command_inpaints_and_writes_atomically(digits_checkpoint, tmp_path
     np.save(tmp_path / "digits.npy", raw[:4].numpy())
     out = tmp_path / "edited.npz"
     status = main([str(digits_checkpoint), "--task", "inpaint", "--region", "right", "--input",
-                   str(tmp_path / "digits.npy"), "--out", str(out), "--steps", "2", "--device", "cpu"])
+                   str(tmp_path / "digits.npy"), "--out", str(out), "--nfe", "2", "--device", "cpu"])
     assert status == 0 and out.is_file()
     edited = torch.as_tensor(np.load(out)["samples"])
     assert edited.shape == (4, 1, 8, 8)
@@ -181,7 +181,7 @@ def test_edit_command_inpaints_and_writes_atomically(digits_checkpoint, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     png = tmp_path / "edited.png"
     assert main([str(digits_checkpoint), "--task", "superres", "--factor", "2", "--input",
-                 str(tmp_path / "digits.npy"), "--out", str(png), "--steps", "1", "--device", "cpu"]) == 0
+                 str(tmp_path / "digits.npy"), "--out", str(png), "--nfe", "1", "--device", "cpu"]) == 0
     assert png.is_file()
 
 

@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from ..atomic import atomic_write_text
+from ..cli.help_text import plain_text
 
 
 class Section(NamedTuple):
@@ -68,7 +69,7 @@ def render_markdown(report: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="ucgm bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ucgm bench", description=plain_text(__doc__))
     parser.add_argument("--quick", action="store_true", help="small sizes and few repetitions (about a minute)")
     parser.add_argument("--out", default="benchmarks/bench.json", help="JSON report path; a .md table is written beside")
     parser.add_argument("--sections", default=None, help="comma-separated subset of sections (default: all)")

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..transports import EDM_SIGMA_MAX, EDM_SIGMA_MIN
+
 EDIT_TASKS = ("inpaint", "colorize", "superres")
 MASK_REGIONS = ("left", "right", "top", "bottom", "center")
 INPUT_SUFFIXES = (".npy", ".npz", ".safetensors", ".png", ".jpg", ".jpeg")
@@ -32,19 +34,23 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ucgm edit", description="edit data with a trained model (zero-shot "
                                      "inpainting, colorization, super-resolution)")
     parser.add_argument("checkpoint", help="run directory, checkpoint directory or model.safetensors")
-    parser.add_argument("--task", required=True, choices=EDIT_TASKS)
+    parser.add_argument("--task", required=True, choices=EDIT_TASKS,
+                        help="inpaint (keep known pixels), colorize (keep the luma) or superres (keep patch means)")
     parser.add_argument("--input", required=True, type=Path, help=f"data to edit ({', '.join(INPUT_SUFFIXES)})")
     parser.add_argument("--out", required=True, type=Path, help="output file (.png, .npz or .safetensors)")
     parser.add_argument("--mask", type=Path, help="inpaint: known-pixel mask file (non-zero = known)")
     parser.add_argument("--region", choices=MASK_REGIONS, help="inpaint: the unknown region (instead of --mask)")
     parser.add_argument("--factor", type=int, default=2, help="superres: patch size whose mean is known")
-    parser.add_argument("--steps", type=int, default=20, help="editor iterations = network evaluations")
-    parser.add_argument("--sigma-min", type=float, default=0.002)
-    parser.add_argument("--sigma-max", type=float, default=80.0)
+    parser.add_argument("--nfe", type=int, default=20, help="editor iterations = network evaluations (default 20)")
+    parser.add_argument("--sigma-min", type=float, default=EDM_SIGMA_MIN,
+                        help=f"smallest noise level of the editor's Karras times (default {EDM_SIGMA_MIN})")
+    parser.add_argument("--sigma-max", type=float, default=EDM_SIGMA_MAX,
+                        help=f"largest noise level, where editing starts (default {EDM_SIGMA_MAX:g})")
     parser.add_argument("--no-clamp", action="store_true", help="do not clamp predictions to [-1, 1] (images)")
-    parser.add_argument("--label", type=int, help="class label for every sample (default: the null label)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema")
+    parser.add_argument("--labels", type=int, nargs="+",
+                        help="class labels, cycled over the samples (default: the null label)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; sample i uses the generator (seed, i)")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="weights to edit with (default ema)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     return parser
 
@@ -150,10 +156,11 @@ def run_edit(args: argparse.Namespace) -> Tensor:
     raw = _as_batch(read_tensor(args.input), info.data_shape)
     observation = (normalisation.normalise(raw) if normalisation is not None else raw).to(device)
     subspace = _subspace(args, info.data_shape, observation)
-    labels = None if args.label is None else torch.full((observation.shape[0],), args.label, device=device)
+    labels = None if args.labels is None else \
+        torch.tensor(args.labels, device=device).repeat(observation.shape[0])[:observation.shape[0]]
     is_image = len(info.data_shape) == 3
     with torch.no_grad():
-        result = edit(model, transport, observation, subspace, labels, steps=args.steps, sigma_min=args.sigma_min,
+        result = edit(model, transport, observation, subspace, labels, steps=args.nfe, sigma_min=args.sigma_min,
                       sigma_max=args.sigma_max, clamp=None if args.no_clamp or not is_image else (-1.0, 1.0),
                       generator=torch.Generator().manual_seed(args.seed)).sample.cpu()
     if args.out.suffix == ".png":
@@ -176,6 +183,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, CheckpointError) as error:
         print(f"ucgm edit: error: {error}", file=sys.stderr)
         return 2
-    print(f"ucgm edit: wrote {result.shape[0]} edited samples ({args.task}, {args.steps} NFE) to {args.out}",
+    print(f"ucgm edit: wrote {result.shape[0]} edited samples ({args.task}, {args.nfe} NFE) to {args.out}",
           file=sys.stderr)
     return 0

@@ -51,6 +51,7 @@ from ..sampling.schedules import read_schedule
 from ..atomic import atomic_write_text
 from ..training.checkpoint import CheckpointError
 from ..training.distributed import resolve_device
+from .help_text import plain_text
 from .sample import LoadedCheckpoint, load_checkpoint_model
 from ..validation import ConfigError
 from ..yaml_io import parse_yaml
@@ -145,7 +146,7 @@ def parse_data_overrides(assignments: Sequence[str]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ucgm evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="ucgm evaluate", description=plain_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="run directory, checkpoint directory or model.safetensors")
     parser.add_argument("--out", required=True, type=Path, help="output directory (metrics.json, metrics.md, png)")

@@ -26,6 +26,7 @@ from ..metrics import sliced_wasserstein
 from .artifacts import write_png
 from ..atomic import atomic_path, atomic_write_text
 from .components import accepted_keys
+from .help_text import plain_text
 from .config import resolve_config
 from ..sampling.seeded import initial_noise, sample_labels
 from .train import run_training
@@ -218,7 +219,7 @@ def run_quickstart(out: Path | str = "runs/quickstart", datasets: Sequence[str] 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="ucgm quickstart", description=__doc__,
+    parser = argparse.ArgumentParser(prog="ucgm quickstart", description=plain_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
     parser.add_argument("--datasets", default=",".join(RECIPES), help="comma-separated subset of: " + ", ".join(RECIPES))

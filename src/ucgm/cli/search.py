@@ -26,11 +26,12 @@ from ..sampling.schedules import GRID_SAMPLERS, write_schedule
 from ..sampling.seeded import UCGM_FAMILY
 from ..training.distributed import resolve_device
 from ..validation import check_positive_int
+from .help_text import plain_text
 from .sample import load_checkpoint_model
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ucgm search", description=__doc__,
+    parser = argparse.ArgumentParser(prog="ucgm search", description=plain_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run directory, checkpoint directory or model.safetensors")
     parser.add_argument("--nfe", type=int, required=True, help="network evaluations of the schedule")
