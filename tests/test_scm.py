@@ -201,6 +201,31 @@ def test_auto_tangent_never_falls_back_on_other_errors_and_its_choice_is_checkpo
         SCMObjective(tangent_method="jvp").load_state_dict({"tangent_method_in_use": "finite_difference"})
 
 
+def _decide_on_rank(rank: int, store: str, results: dict) -> None:
+    """Rank 1's model has no forward-mode AD, rank 0's has: the ``auto`` decision must agree across ranks."""
+    torch.set_num_threads(1)
+    distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        data, noise, time, labels = batch()
+        objective = SCMObjective(tangent_method="auto")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            objective(NoForwardADNetwork() if rank == 1 else small_network(), data, labels, time=time, noise=noise)
+        results[rank] = objective.method_in_use
+    finally:
+        distributed.destroy_process_group()
+
+
+def test_the_auto_tangent_decision_is_the_same_on_every_rank(tmp_path):
+    if not distributed.is_available() or not distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    import torch.multiprocessing as multiprocessing
+
+    results = multiprocessing.Manager().dict()
+    multiprocessing.spawn(_decide_on_rank, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
+    assert dict(results) == {0: "finite_difference", 1: "finite_difference"}
+
+
 def test_tangent_formula_warmup_and_normalisation():
     model = small_network(dtype=torch.float64)
     data, noise, time, labels = batch(dtype=torch.float64)
