@@ -350,3 +350,27 @@ def test_diffusers_loader_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(ImportError, match=r"pip install ucgm\[diffusers\]"):
         load_diffusers_model(tmp_path, kind="unet")
+
+
+@pytest.mark.parametrize("name", TINY_CONFIGS)
+def test_conditions_through_config_start_as_the_plain_model_and_then_condition_the_output(name):
+    """MLP, UNet and DiT take a second time ``s`` and a self-conditioning input through ``conditions``: the condition
+    layers start at zero (the plain model's output, its weights load as they are), then both conditions change the
+    output; a condition the model was not built with is an error."""
+    plain = tiny_model(name)
+    perturb(plain)
+    torch.manual_seed(0)
+    conditioned = build_model({**TINY_CONFIGS[name], "num_classes": NUM_CLASSES, "conditions": ["s", "self_condition"]})
+    missing, unexpected = conditioned.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(key.startswith("conditions.") for key in missing)
+    x, t, labels = digits_batch()
+    x = x.flatten(1) if name == "mlp" else x
+    estimate = torch.randn_like(x)
+    with torch.no_grad():
+        torch.testing.assert_close(conditioned(x, t, labels, s=t / 2, self_condition=estimate), plain(x, t, labels))
+        perturb(conditioned, seed=3)
+        base = conditioned(x, t, labels, s=t / 2, self_condition=estimate)
+        assert not torch.allclose(base, conditioned(x, t, labels, s=t / 3, self_condition=estimate))
+        assert not torch.allclose(base, conditioned(x, t, labels, s=t / 2, self_condition=2 * estimate))
+    with pytest.raises(ValueError, match="step"):
+        conditioned(x, t, labels, step=t)
