@@ -112,8 +112,8 @@ def test_objective_shorthand_applies_the_entry_and_later_overrides_win():
 
 def test_an_entry_setting_another_section_is_rejected():
     raw = load_config_source("gmm")
-    raw["objectives"]["ct"]["data"] = {"name": "digits"}
-    with pytest.raises(ConfigError, match=r"objectives\.ct sets section\(s\) \['data'\]; allowed sections: model"):
+    raw["objectives"]["ct"]["init"] = {"checkpoint": "elsewhere"}
+    with pytest.raises(ConfigError, match=r"objectives\.ct sets section\(s\) \['init'\]; allowed sections: data"):
         resolve_config(raw, ["objective=ct"], accepted_keys)
 
 
