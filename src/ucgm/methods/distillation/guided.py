@@ -249,8 +249,7 @@ class GuidedDistillation(Method):
             int(total), self.stage1_fraction, self.teacher_steps, self.student_steps)
 
     def to(self, device: torch.device | str) -> "GuidedDistillation":
-        if isinstance(self.teacher.model, nn.Module):
-            self.teacher.model.to(device)
+        self.teacher.to(device)
         return self
 
     def draw_guidance(self, batch_size: int, generator: Optional[torch.Generator]) -> Tensor:
@@ -303,8 +302,9 @@ class GuidedDistillation(Method):
                 target = self.stage1_targets(x_t, time, labels, guidance)
                 data_target, noise_target = target.data, target.noise
             else:
-                data_target, noise_target = self.stage2_targets(networks.module(ROUND_TEACHER), x_t, time, labels,
-                                                                guidance, stage.student_steps)
+                round_teacher = networks.module(ROUND_TEACHER).eval()  # the official teacher runs train=False
+                data_target, noise_target = self.stage2_targets(round_teacher, x_t, time, labels, guidance,
+                                                                stage.student_steps)
         prediction = self.transport.predict(networks[STUDENT], x_t, time, labels, guidance=guidance)
         per_sample = truncated_snr_loss(prediction, data_target, noise_target)
         stats = {"distillation_round": float(stage.round), "student_steps": float(stage.student_steps)}
