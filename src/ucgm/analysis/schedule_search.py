@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from ..metrics.search_metrics import search_metrics
+from ..metrics.search_metrics import NUM_REFERENCE, search_metrics
 from ..sampling.registry import get_sampler
 from ..sampling.schedules import grid_intervals
 from ..sampling.seeded import fresh_noise_source, initial_noise, sample_labels
@@ -33,10 +33,11 @@ SEARCH_NOISE_SEED = 97
 
 
 def search_sets(config: dict, shape: Sequence[int], num_classes: int, num_search: int, num_evaluation: int,
-                evaluation_seed: int = 0, device: torch.device | str = "cpu"
+                evaluation_seed: int = 0, device: torch.device | str = "cpu", num_reference: int = NUM_REFERENCE
                 ) -> tuple[EvaluationSet, EvaluationSet, str]:
-    """The search set, the evaluation set and the metric's name (module docstring)."""
-    metrics = search_metrics(config, num_classes, num_evaluation)
+    """The search set, the evaluation set and the metric's name (module docstring); ``num_reference`` exact
+    samples per mixture reference."""
+    metrics = search_metrics(config, num_classes, num_evaluation, num_reference)
     device = torch.device(device)
 
     def evaluation_set(seed: int, count: int, metric: Callable) -> EvaluationSet:

@@ -38,6 +38,9 @@ def _register_builtin_sections() -> None:
     from . import report_quality  # noqa: F401  (registers "quality")
     from . import report_trainer  # noqa: F401  (registers "trainer")
     from . import report_consistency  # noqa: F401  (registers "consistency")
+    from . import report_discrete  # noqa: F401  (registers "discrete")
+    from . import report_cascade  # noqa: F401  (registers "cascade")
+    from . import report_search  # noqa: F401  (registers "search")
 
 
 def run_benchmarks(quick: bool, sections: Optional[list[str]] = None) -> dict:

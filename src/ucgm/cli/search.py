@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-search", type=int, default=1000, help="samples of the search set (default 1000)")
     parser.add_argument("--num-eval", type=int, default=2000, help="samples of the evaluation set (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the search")
+    parser.add_argument("--num-reference", type=int, default=20000,
+                        help="exact mixture samples per reference (mixture runs; default 20000)")
     parser.add_argument("--eval-seed", type=int, default=0, help="noise seed of the evaluation set (ucgm evaluate's)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="weights to sample (default ema)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
@@ -79,6 +81,7 @@ def run_search(args: argparse.Namespace, command: str) -> dict:
     check_positive_int("--nfe", args.nfe)
     check_positive_int("--num-search", args.num_search, minimum=2)
     check_positive_int("--num-eval", args.num_eval, minimum=2)
+    check_positive_int("--num-reference", args.num_reference, minimum=2)
     settings = EvolutionSettings(population=args.population, generations=args.generations, elite=args.elite,
                                  mutation_probability=args.mutation_probability, seed=args.seed)
     device = resolve_device(args.device)
@@ -90,7 +93,8 @@ def run_search(args: argparse.Namespace, command: str) -> dict:
         base.update(run_ucgm_settings(loaded.config))
     info = loaded.info
     search, evaluation, metric = search_sets(loaded.config, info.data_shape, info.num_classes or 0,
-                                             args.num_search, args.num_eval, args.eval_seed, device)
+                                             args.num_search, args.num_eval, args.eval_seed, device,
+                                             args.num_reference)
     result = compare_schedules(loaded.model, loaded.transport, args.nfe, search, evaluation, metric, sampler, base,
                                settings, args.levels, args.skip_budget, args.kumaraswamy, args.eval_seed)
     report = result["autodiffusion"]

@@ -39,8 +39,10 @@ def _first_value(suite) -> Callable[[Tensor], float]:
     return lambda samples: suite.evaluate(samples, None)[0].value
 
 
-def search_metrics(config: dict, num_classes: int, num_samples: int) -> SearchMetrics:
-    """The :class:`SearchMetrics` of a run's resolved ``config`` (its ``data`` section)."""
+def search_metrics(config: dict, num_classes: int, num_samples: int, num_reference: int = NUM_REFERENCE
+                   ) -> SearchMetrics:
+    """The :class:`SearchMetrics` of a run's resolved ``config`` (its ``data`` section); ``num_reference`` exact
+    mixture samples per reference."""
     from ..data import build_dataset
 
     data = copy.deepcopy(config["data"])
@@ -49,8 +51,8 @@ def search_metrics(config: dict, num_classes: int, num_samples: int) -> SearchMe
         mixture = build_dataset(data).mixture
 
         def reference(seed: int) -> SlicedW2Against:
-            labels = _class_labels(NUM_REFERENCE, num_classes)
-            return SlicedW2Against(mixture.sample(NUM_REFERENCE, torch.Generator().manual_seed(seed), labels)[0],
+            labels = _class_labels(num_reference, num_classes)
+            return SlicedW2Against(mixture.sample(num_reference, torch.Generator().manual_seed(seed), labels)[0],
                                    NUM_PROJECTIONS)
 
         return SearchMetrics("sliced_w2", reference(SEARCH_REFERENCE_SEED), reference(REFERENCE_SEED))

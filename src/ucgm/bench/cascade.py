@@ -1,0 +1,104 @@
+"""LowDiff-style cascade benchmark: samples per second of a two-level cascade (8x8 then 16x16) divided by those
+of a single-resolution model of the same family (16x16 only) at equal or better quality.
+
+Both models are UNets of the same size trained by ucgm's trainer (:func:`~ucgm.cli.train.run_training`) from
+the ``digits-cascade`` preset (16x16 digits) for the same steps, seed 0: the cascade as the preset is, the single
+model with ``objective.cascade=null``. Sampling goes through the user path (EMA weights from
+:func:`~ucgm.training.loading.load_checkpoint_model`, seeded noise of :func:`~ucgm.analysis.reports.
+draw_samples`): the single model with UCGM-S (the run's settings) at :attr:`CascadeSizes.single_nfe`; the cascade
+with its own sampler (UCGM-S per level) at every budget of :attr:`CascadeSizes.cascade_nfes`, three quarters of
+the calls at 8x8. Quality: digits FD of the samples averaged back to 8x8 against the held-out split treated
+alike (:class:`~ucgm.metrics.discrete_suites.UpsampledDigitsSuite`, the metric of ``ucgm evaluate``), lower is
+better; pixel sliced W2 is recorded too.
+
+Throughput: one batch of ``timing_batch`` samples per call, every sampler interleaved in one process
+(:func:`~ucgm.bench.timing.interleaved_medians`, one thread). The reported cascade is the fastest budget whose FD
+is at most the single model's (``equal_or_better`` false, and the best-quality budget reported, when none is).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..analysis.reports import draw_samples, run_ucgm_settings
+from ..cli.sample import load_checkpoint_model
+from ..metrics.suites import build_metric_suite
+from ..sampling.cascade_sampler import default_step_fractions, split_budget
+from ..sampling.registry import get_sampler
+from ..sampling.seeded import fresh_noise_source, initial_noise, sample_labels
+from .discrete import train_run
+from .timing import interleaved_medians
+
+OVERRIDES = ["model.base_channels=16", "training.batch_size=64"]
+
+
+@dataclass(frozen=True)
+class CascadeSizes:
+    steps: int
+    num: int
+    single_nfe: int
+    cascade_nfes: tuple
+    timing_batch: int
+    timing_rounds: int
+
+
+QUICK = CascadeSizes(steps=60, num=64, single_nfe=8, cascade_nfes=(4, 8), timing_batch=16, timing_rounds=3)
+FULL = CascadeSizes(steps=3000, num=1000, single_nfe=16, cascade_nfes=(6, 8, 12, 16), timing_batch=64,
+                    timing_rounds=9)
+
+
+class _Candidate:
+    """One sampler of one run: its quality and a timing call on a fixed batch."""
+
+    def __init__(self, loaded, name: str, settings: dict, nfe: int, sizes: CascadeSizes):
+        self.loaded, self.nfe = loaded, nfe
+        self.sampler = get_sampler(name, settings)
+        info = loaded.info
+        self.shape, self.classes = info.data_shape, info.num_classes or 0
+        batch = range(sizes.timing_batch)
+        self.noise = initial_noise(0, batch, self.shape, "cpu")
+        labels = sample_labels(sizes.timing_batch, self.classes)
+        self.call = lambda: self.sampler(loaded.model, loaded.transport, self.noise, labels, nfe,
+                                         fresh_noise_source(0, batch))
+
+    def quality(self, num: int) -> dict:
+        drawn = draw_samples(self.loaded.model, self.loaded.transport, self.sampler, self.nfe, self.shape,
+                             self.classes, num)
+        suite = build_metric_suite(self.loaded.config, num, self.classes)
+        return {measured.metric: measured.value for measured in suite.evaluate(drawn.samples, drawn.labels)}
+
+
+def run_cascade(sizes: CascadeSizes) -> dict:
+    """Train both models, score and time them; the ``cascade`` and ``cascade_details`` keys."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ucgm-bench-cascade-") as temporary:
+        workdir = Path(temporary)
+        seconds = {"cascade": train_run("digits-cascade", list(OVERRIDES), sizes.steps, workdir / "cascade"),
+                   "single": train_run("digits-cascade", OVERRIDES + ["objective.cascade=null"], sizes.steps,
+                                       workdir / "single")}
+        single_run, cascade_run = load_checkpoint_model(workdir / "single"), load_checkpoint_model(workdir / "cascade")
+        single = _Candidate(single_run, "ucgm", run_ucgm_settings(single_run.config), sizes.single_nfe, sizes)
+        name, settings = cascade_run.method.sampler()
+        cascades = {nfe: _Candidate(cascade_run, name, settings, nfe, sizes) for nfe in sizes.cascade_nfes}
+        qualities = {"single": single.quality(sizes.num)}
+        qualities.update({f"cascade@{nfe}": candidate.quality(sizes.num) for nfe, candidate in cascades.items()})
+        variants = {"single": single.call, **{f"cascade@{nfe}": c.call for nfe, c in cascades.items()}}
+        medians = interleaved_medians(variants, repeats=sizes.timing_rounds, warmup=1)
+    rate = {key: sizes.timing_batch / seconds_per_call for key, seconds_per_call in medians.items()}
+    fractions = settings.get("step_fractions") or default_step_fractions(settings["levels"])
+    table = [{"sampler": key, "nfe": sizes.single_nfe if key == "single" else int(key.split("@")[1]),
+              "steps_per_level": None if key == "single" else split_budget(int(key.split("@")[1]), fractions),
+              "samples_per_second": rate[key], **qualities[key]} for key in variants]
+    single_fd = qualities["single"]["digits_fd"]
+    good = [row for row in table[1:] if row["digits_fd"] <= single_fd]
+    chosen = max(good, key=lambda row: row["samples_per_second"]) if good else min(table[1:],
+                                                                                  key=lambda row: row["digits_fd"])
+    ratio = chosen["samples_per_second"] / rate["single"]
+    return {"cascade": {"throughput_ratio": ratio, "quality": {"cascade": chosen["digits_fd"], "single": single_fd}},
+            "cascade_details": {"sizes": asdict(sizes), "rows": table, "chosen": chosen["sampler"],
+                                "equal_or_better": bool(good), "met": bool(good) and ratio >= 1.5,
+                                "metric": "digits_fd (8x8 block means)", "train_seconds": seconds,
+                                "seconds": round(time.perf_counter() - started, 1)}}
