@@ -192,7 +192,7 @@ def test_latents_errors(tmp_path):
     bad = torch.randn(4, 2)
     bad[1, 0] = float("nan")
     save_file({"latents": bad}, str(tmp_path / "nan.safetensors"))
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with pytest.raises(ValueError, match=r"NaN or Inf values at index 1 \(1 of 4"):  # names the sample
         LatentsDataset(tmp_path / "nan.safetensors")
     save_file({"latents": torch.randn(4, 2), "labels": torch.arange(3)}, str(tmp_path / "short.safetensors"))
     with pytest.raises(ValueError, match="labels have shape"):

@@ -224,6 +224,19 @@ def test_sampling_estimate_equals_the_previous_clipped_data_prediction():
         assert states[k - 1].abs().max() <= 0.3
 
 
+def test_a_method_calling_its_backbone_directly_runs_unconditioned():
+    """CT's boundary-condition parameterisation calls the backbone outside the transport: the wrapper leaves it
+    as it is (the network never receives an estimate) instead of failing."""
+    method = build_method({"name": "ct", "self_conditioning": {"rate": 0.5}}, make_transport("linear"))
+    model = build_model({"name": "mlp", "data_dim": 2, "hidden": 8, "depth": 1, "conditions": ["self_condition"]})
+    output = method.loss("train", Networks({"model": model, "reference": model}),
+                         Batch(torch.randn(8, 2), None, None, torch.Generator().manual_seed(0)))
+    assert torch.isfinite(output.loss)
+    network, transport = method.sampling_model({"model": model})
+    result = get_sampler(*method.sampler())(network, transport, torch.randn(4, 2), None, 2, None)
+    assert torch.isfinite(result.sample).all()
+
+
 # ----------------------------------------------------------------------------------------- asymmetric time
 def test_asymmetric_time_targets_are_pix2seq_td():
     grid = uniform_grid(4)

@@ -186,7 +186,10 @@ def test_edit_command_inpaints_and_writes_atomically(digits_checkpoint, tmp_path
 
 
 def test_edit_command_reports_bad_input(digits_checkpoint, tmp_path, capsys):
-    from ucgm.cli.edit import main
+    from ucgm.cli import main as ucgm_main
+
+    def main(argv):  # through the dispatcher's error path
+        return ucgm_main(["edit", *argv])
 
     np.save(tmp_path / "digits.npy", np.zeros((2, 1, 8, 8), dtype=np.float32))
     base = [str(digits_checkpoint), "--input", str(tmp_path / "digits.npy"), "--out", str(tmp_path / "o.npz")]

@@ -15,7 +15,7 @@ from ucgm.cli.config import (
     resolve_config,
     save_config,
 )
-from ucgm.cli.train import check_resumable
+from ucgm.cli.train import resume_changes
 from ucgm.cli.schema import typed_section
 from ucgm.validation import ConfigError
 
@@ -103,11 +103,15 @@ def test_saved_config_round_trips(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name != "config.yaml"]  # no temporary left behind
 
 
-def test_resume_accepts_duration_changes_and_rejects_method_changes(tmp_path):
+def test_resume_accepts_duration_changes_and_names_method_and_world_size_changes():
     saved = tiny_gmm_config()
-    check_resumable(saved, apply_overrides(saved, ["training.steps=99", "sampling.nfe=2"]), tmp_path)
-    with pytest.raises(ConfigError, match="objective.enhanced_ratio"):
-        check_resumable(saved, apply_overrides(saved, ["objective.enhanced_ratio=0.2"]), tmp_path)
+    assert resume_changes(saved, apply_overrides(saved, ["training.steps=99", "sampling.nfe=2"]), 1, 1) == []
+    changed = apply_overrides(saved, ["objective.enhanced_ratio=0.2", "model.hidden=32"])
+    assert resume_changes(saved, changed, 1, 1) == ["model.hidden: 16 -> 32", "objective.enhanced_ratio: 0.5 -> 0.2"]
+    assert resume_changes(saved, saved, 1, 2) == ["processes: 1 -> 2 (the global batch is split otherwise)"]
+    assert resume_changes(saved, saved, None, 2) == []  # a checkpoint that does not record its world size
+    other_defaults = apply_overrides(saved, ["objectives.ct.objective={}", "tune.training.steps=9"])
+    assert resume_changes(saved, other_defaults, 1, 1) == []  # other objectives' defaults, the tuning recipe
 
 
 def test_complete_config_fills_defaults():

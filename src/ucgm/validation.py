@@ -28,10 +28,21 @@ def check_positive_int(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
 
 
+def nonfinite_rows(tensor: Tensor) -> Tensor:
+    """Indices along the first axis of the entries (samples) of a floating tensor that hold NaN or Inf."""
+    if tensor.ndim == 0:
+        return torch.nonzero(~torch.isfinite(tensor.reshape(1))).flatten()
+    return torch.nonzero(~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)).flatten()
+
+
 def check_finite(name: str, tensor: Optional[Tensor]) -> None:
-    """Raise if a floating tensor holds NaN or Inf."""
+    """Raise if a floating tensor holds NaN or Inf, naming the first bad index along its first axis (the sample
+    index of a batch)."""
     if tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise ValueError(f"{name} contains NaN or Inf values; all values must be finite")
+        rows = nonfinite_rows(tensor)
+        total = tensor.shape[0] if tensor.ndim else 1
+        raise ValueError(f"{name} contains NaN or Inf values at index {int(rows[0])} ({rows.numel()} of {total} "
+                         f"along the first axis); all values must be finite")
 
 
 def check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:

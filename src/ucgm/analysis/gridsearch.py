@@ -40,6 +40,7 @@ from ..transports import Transport
 from ..validation import check_positive_int
 from .evolution import Candidate, EvolutionSettings, evolve
 from ..sampling.registry import DEFAULT_GAPS, get_sampler, two_call_intervals, ucgm_intervals
+from ..sampling.seeded import fresh_noise_source
 
 #: The search settings used when none are given.
 DEFAULT_EVOLUTION = EvolutionSettings()
@@ -200,7 +201,7 @@ def search_kumaraswamy(
 
     ``sampler`` is ``"ucgm"`` or ``"ucgm-o2"``; ``base_settings`` its other settings, whose ``time_warp`` and
     ``extrapolation`` (default ``(1, 1, 1)`` and 0) are the default the result is compared with; stochastic
-    settings draw their noise from a generator seeded with ``settings.seed`` at every evaluation.
+    settings draw their noise from per-sample streams seeded with ``settings.seed`` at every evaluation.
     ``"best"`` is ``{"time_warp": (a, b, c), "extrapolation": kappa}``; ``"times"`` its UCGM-S grid.
     """
     if sampler not in ("ucgm", "ucgm-o2"):
@@ -229,8 +230,8 @@ def search_kumaraswamy(
         bound = get_sampler(sampler, as_settings(parameters))
 
         def draw(noise: Tensor, labels: Optional[Tensor]) -> SampleResult:
-            generator = torch.Generator(device=noise.device).manual_seed(settings.seed)
-            return bound(model, transport, noise, labels, nfe, generator)
+            noise_source = fresh_noise_source(settings.seed, range(noise.shape[0]))
+            return bound(model, transport, noise, labels, nfe, noise_source)
 
         return draw
 

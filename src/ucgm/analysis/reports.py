@@ -29,8 +29,8 @@ from torch import Tensor
 
 from ..sampling.registry import BudgetedSampler, SAMPLER_NAMES, get_sampler
 from ..atomic import atomic_path
-from ..sampling.seeded import (UCGM_FAMILY, UCGM_SAMPLING_SETTINGS, fresh_noise_source, initial_noise,
-                               sample_labels)
+from ..sampling.seeded import (UCGM_FAMILY, UCGM_SAMPLING_SETTINGS, check_finite_samples, fresh_noise_source,
+                               initial_noise, sample_labels)
 from ..yaml_io import parse_yaml
 
 SPEC_SYNTAX = "NAME[:KEY=VALUE[:KEY=VALUE ...]], comma-separated (e.g. ucgm,euler,ucgm:extrapolation=0.3)"
@@ -138,8 +138,9 @@ class DrawnSamples(NamedTuple):
 @torch.no_grad()
 def draw_samples(network: Callable, transport, sampler: BudgetedSampler, nfe: int, shape: Sequence[int],
                  num_classes: int, num: int, seed: int = 0, batch_size: int = 1000,
-                 device: torch.device | str = "cpu") -> DrawnSamples:
-    """``num`` samples of ``sampler`` at budget ``nfe`` in batches (seeding in the module docstring)."""
+                 device: torch.device | str = "cpu", label: str = "sampler") -> DrawnSamples:
+    """``num`` samples of ``sampler`` at budget ``nfe`` in batches (seeding in the module docstring); non-finite
+    samples raise :class:`~ucgm.sampling.seeded.NonFiniteSamples` naming ``label`` (the sampler spec)."""
     labels = sample_labels(num, num_classes or 0)
     outputs, spent = [], 0
     for start in range(0, num, batch_size):
@@ -147,6 +148,7 @@ def draw_samples(network: Callable, transport, sampler: BudgetedSampler, nfe: in
         noise = initial_noise(seed, batch, shape, torch.device(device))
         batch_labels = None if labels is None else labels[batch.start:batch.stop].to(device)
         result = sampler(network, transport, noise, batch_labels, nfe, fresh_noise_source(seed, batch))
+        check_finite_samples(result.sample, f"sampler {label!r} at NFE budget {nfe}", batch.start)
         outputs.append(result.sample.float().cpu())
         spent = result.nfe
     return DrawnSamples(torch.cat(outputs), labels, spent)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..sampling.registry import get_sampler
+from ..sampling.seeded import fresh_noise_source
 from ..transports import Transport
 from ..validation import check_positive_int
 
@@ -26,9 +27,10 @@ def nfe_sweep(
     """Sample ``noise`` with every sampler at every budget and score the samples with ``metric``.
 
     ``samplers`` maps ``"name"`` or ``"name:tag"`` (several settings of one sampler) to its settings. Each run
-    gets a fresh generator seeded with ``generator_seed`` and runs without gradients. Returns one record per
-    (sampler, budget), in the given order: ``{"sampler": key, "nfe": budget, "actual_nfe": true NFE,
-    "metric": metric_name (default: the metric's ``__name__``), "value": metric(sample), "settings": settings}``.
+    gets fresh per-sample noise streams seeded with ``generator_seed`` (batch-invariant) and runs without
+    gradients. Returns one record per (sampler, budget), in the given order: ``{"sampler": key, "nfe": budget,
+    "actual_nfe": true NFE, "metric": metric_name (default: the metric's ``__name__``), "value": metric(sample),
+    "settings": settings}``.
     """
     if len(samplers) == 0 or len(nfes) == 0:
         raise ValueError("samplers and nfes must both be non-empty")
@@ -39,9 +41,9 @@ def nfe_sweep(
     records = []
     for key, sampler in bound.items():
         for nfe in nfes:
-            generator = torch.Generator(device=noise.device).manual_seed(generator_seed)
             with torch.no_grad():
-                result = sampler(model, transport, noise, labels, nfe, generator)
+                result = sampler(model, transport, noise, labels, nfe,
+                                 fresh_noise_source(generator_seed, range(noise.shape[0])))
             records.append({"sampler": key, "nfe": nfe, "actual_nfe": result.nfe, "metric": name,
                             "value": float(metric(result.sample)), "settings": dict(samplers[key] or {})})
     return records

@@ -23,14 +23,17 @@ from ..cli.help_text import plain_text
 class Section(NamedTuple):
     run: Callable[[bool], dict]
     markdown: Callable[[dict], str]
+    in_quick: bool = True
 
 
 SECTIONS: dict[str, Section] = {}
 
 
-def register_section(name: str, run: Callable[[bool], dict], markdown: Callable[[dict], str]) -> None:
-    """Add a benchmark section (run in registration order)."""
-    SECTIONS[name] = Section(run, markdown)
+def register_section(name: str, run: Callable[[bool], dict], markdown: Callable[[dict], str],
+                     in_quick: bool = True) -> None:
+    """Add a benchmark section (run in registration order); ``in_quick=False`` leaves it out of ``--quick`` runs
+    that do not name it in ``--sections``."""
+    SECTIONS[name] = Section(run, markdown, in_quick)
 
 
 def _register_builtin_sections() -> None:
@@ -41,12 +44,16 @@ def _register_builtin_sections() -> None:
     from . import report_discrete  # noqa: F401  (registers "discrete")
     from . import report_cascade  # noqa: F401  (registers "cascade")
     from . import report_search  # noqa: F401  (registers "search")
+    from . import report_distribution_matching  # noqa: F401  (registers "distribution_matching")
+    from . import report_reliability  # noqa: F401  (registers "reliability", not in --quick)
 
 
 def run_benchmarks(quick: bool, sections: Optional[list[str]] = None) -> dict:
-    """Run the chosen sections (all by default) and return the merged report."""
+    """Run the chosen sections (all by default; with ``quick`` those registered ``in_quick``) and return the
+    merged report."""
     _register_builtin_sections()
-    chosen = list(SECTIONS) if not sections else sections
+    chosen = [name for name, section in SECTIONS.items() if section.in_quick or not quick] if not sections \
+        else sections
     unknown = [name for name in chosen if name not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown benchmark section(s) {unknown}; allowed: {', '.join(SECTIONS)}")

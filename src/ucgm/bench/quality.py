@@ -47,7 +47,7 @@ from ..metrics.suites import REFERENCE_SEED, SlicedW2Against
 from ..sampling.registry import available_sampler_names, get_sampler
 from ..cli.components import accepted_keys
 from ..cli.config import resolve_config
-from ..sampling.seeded import initial_noise
+from ..sampling.seeded import fresh_noise_source, initial_noise
 from ..cli.train import run_training
 from ..cli.sample import load_checkpoint_model
 from ..cli.tune import tune_config
@@ -227,7 +227,7 @@ def search_few_step_settings(model: _Model, search: EvaluationSet) -> dict:
         sampler = get_sampler("ucgm", settings)
         scores[(stochasticity, end_gap)] = search.score(
             lambda noise, labels: sampler(model.network, model.transport, noise, labels, FEW_STEP_NFE,
-                                          torch.Generator().manual_seed(0)))[0]
+                                          fresh_noise_source(0, range(noise.shape[0]))))[0]
     stochasticity, end_gap = min(scores, key=scores.get)
     return {**model.run_settings, "stochasticity": stochasticity, "gaps": (0.001, end_gap)}
 

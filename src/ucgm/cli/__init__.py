@@ -2,6 +2,9 @@
 ``edit`` are handed to their own modules (``ucgm.<command>.main(argv)``).
 
 Distributed training: ``torchrun --nproc_per_node N -m ucgm train CONFIG --run-dir DIR``.
+
+Every command runs inside one error path (:func:`ucgm.cli.errors.run_command`): expected failures print
+``ucgm COMMAND: error: ...`` and exit with status 2, unexpected ones keep their traceback.
 """
 
 from __future__ import annotations
@@ -56,7 +59,10 @@ def _training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (training.checkpoint_every)")
     parser.add_argument("--log-every", type=int, help="steps between stats records (training.log_every)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="show a progress bar (default: when stderr is a terminal)")
+                        help="progress bar on a terminal, else a plain line every few seconds (default); "
+                             "--no-progress: neither")
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="resume even if the config or the number of processes differs from the run's")
     _add_overrides(parser, "optimizer.lr=1e-3 training.batch_size=128 objective=flow_matching")
 
 
@@ -83,7 +89,7 @@ def _train(argv: Sequence[str]) -> int:
     from .train import run_training
 
     config = resolve_config(args.config, _flag_overrides(args), accepted_keys)
-    run_dir = run_training(config, args.run_dir, progress=args.progress)
+    run_dir = run_training(config, args.run_dir, progress=args.progress, allow_changes=args.allow_changes)
     _report(f"ucgm: run finished in {run_dir}")
     return 0
 
@@ -96,7 +102,8 @@ def _tune(argv: Sequence[str]) -> int:
     from .train import run_training
     from .tune import tune_config
 
-    run_dir = run_training(tune_config(args.source, _flag_overrides(args)), args.run_dir, progress=args.progress)
+    run_dir = run_training(tune_config(args.source, _flag_overrides(args)), args.run_dir, progress=args.progress,
+                           allow_changes=args.allow_changes)
     _report(f"ucgm: tuning finished in {run_dir}")
     return 0
 
@@ -135,28 +142,34 @@ def _sample(argv: Sequence[str]) -> int:
                                            "sampler, times and NFE (sampling.schedule)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema", help="weights to sample (default ema)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar on a terminal, else a plain line every few seconds (default); "
+                             "--no-progress: neither")
     _add_overrides(parser, "sampling.extrapolation=0.5, or without the section: nfe=8 gaps=[0.001,0.5]")
     args = parser.parse_intermixed_args(argv)
     from .sample import run_sampling
 
     overrides = _sample_overrides(args)
-    samples, settings = run_sampling(args.checkpoint, args.out, overrides, args.weights, args.device)
+    samples, settings = run_sampling(args.checkpoint, args.out, overrides, args.weights, args.device, args.progress)
     print(f"ucgm: wrote {samples.samples.shape[0]} samples ({settings.sampler}, {samples.nfe} NFE) to "
           f"{', '.join(map(str, args.out))}", file=sys.stderr)
     return 0
 
 
-def _dispatch(command: str, argv: Sequence[str]) -> int:
-    try:
-        module = importlib.import_module(DISPATCHED[command])
-    except ModuleNotFoundError as error:
-        if error.name != DISPATCHED[command]:
-            raise
-        print(f"ucgm: error: `ucgm {command}` is not available in this installation (no module {DISPATCHED[command]})",
-              file=sys.stderr)
-        return 2
-    result = module.main(list(argv))
-    return int(result or 0)
+def _dispatched_main(command: str) -> Callable[[Sequence[str]], int]:
+    """Import the module of a dispatched command and run its ``main(argv)``."""
+
+    def run(argv: Sequence[str]) -> int:
+        try:
+            module = importlib.import_module(DISPATCHED[command])
+        except ModuleNotFoundError as error:
+            if error.name != DISPATCHED[command]:
+                raise
+            raise ValueError(f"`ucgm {command}` is not available in this installation (no module "
+                             f"{DISPATCHED[command]})") from error
+        return module.main(list(argv))
+
+    return run
 
 
 HANDLERS: dict[str, Callable[[Sequence[str]], int]] = {"train": _train, "tune": _tune, "sample": _sample}
@@ -172,26 +185,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"ucgm {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    if command in DISPATCHED:
-        return _dispatch(command, rest)
-    if command not in HANDLERS:
+    if command not in HANDLERS and command not in DISPATCHED:
         import difflib
 
         close = difflib.get_close_matches(command, list(COMMANDS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         print(f"ucgm: error: unknown command {command!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from ..training.checkpoint import CheckpointError
-    from ..validation import ConfigError
+    from .errors import run_command
 
-    # Bad input gets a message, not a traceback (sampling raises ValueError for bad labels, shapes, extensions).
-    expected = (ConfigError, CheckpointError, ValueError) if command == "sample" else (ConfigError, CheckpointError)
-    try:
-        return HANDLERS[command](rest)
-    except expected as error:
-        print(f"ucgm {command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        resume = " (re-run the same command to resume from the last checkpoint)" if command != "sample" else ""
-        print(f"ucgm {command}: interrupted{resume}", file=sys.stderr)
-        return 130
+    return run_command(command, HANDLERS.get(command) or _dispatched_main(command), rest)

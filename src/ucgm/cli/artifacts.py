@@ -1,6 +1,6 @@
 """Writing samples: PNG grids of images, PNG scatter plots of 2-D points, ``.npz`` and ``.safetensors`` arrays.
 
-Every file is written to a temporary sibling and renamed into place.
+Every file is written to a temporary sibling and renamed into place, with :data:`ucgm.atomic.FILE_MODE`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, atomic_write_bytes
 
 OUTPUT_SUFFIXES = (".png", ".npz", ".safetensors")
 
@@ -86,13 +86,12 @@ def write_arrays(samples: Tensor, labels: Optional[Tensor], path: Path, metadata
         with atomic_path(path) as temporary, open(temporary, "wb") as handle:
             np.savez(handle, **arrays)
     elif path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {"samples": samples.contiguous()}
         if labels is not None:
             tensors["labels"] = labels.contiguous()
-        with atomic_path(path) as temporary:
-            save_file(tensors, str(temporary), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        atomic_write_bytes(path, save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()}))
     else:
         raise ValueError(f"cannot write samples to {str(path)!r}; allowed extensions: {', '.join(OUTPUT_SUFFIXES)}")
 

@@ -117,15 +117,29 @@ def build_model(config: dict, spec: Optional[NetworkSpec] = None) -> nn.Module:
 
 def _checkpoint_network(role: str, spec: NetworkSpec, path: str) -> nn.Module:
     """A network read from a checkpoint: a frozen one as the checkpoint's method samples it (with its
-    ``transport``), a trainable one as the checkpoint's raw backbone."""
+    ``transport``), a trainable one as the checkpoint's raw backbone — with the spec's model options over the
+    checkpoint's model section when it has any (e.g. ``classifier_head``: the layers they add start at their own
+    initialisation, every checkpoint weight is loaded)."""
     loaded = load_checkpoint_model(path)
     if spec.trainable:
-        return loaded.networks[loaded.method.sampling_role].requires_grad_(True).train()
+        backbone = loaded.networks[loaded.method.sampling_role]
+        if spec.model:
+            backbone = _with_model_options(role, backbone, loaded.config, spec)
+        return backbone.requires_grad_(True).train()
     model = loaded.model
     if not isinstance(model, nn.Module):
         raise ConfigError(f"network {role!r}: {path!r} does not give a module to train with")
     model.transport = loaded.transport
     return model
+
+
+def _with_model_options(role: str, backbone: nn.Module, checkpoint_config: dict, spec: NetworkSpec) -> nn.Module:
+    """The checkpoint's backbone rebuilt with ``spec.model`` over its model section, holding all of its weights."""
+    module = build_model(checkpoint_config, NetworkSpec(model=spec.model))
+    unexpected = module.load_state_dict(backbone.state_dict(), strict=False).unexpected_keys
+    if unexpected:
+        raise ConfigError(f"network {role!r}: the options {spec.model} drop checkpoint weights {unexpected[:3]}")
+    return module.to(dtype=next(backbone.parameters()).dtype)
 
 
 def build_run_networks(config: dict, method: Method, primary: nn.Module, pretrained: bool

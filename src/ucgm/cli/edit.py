@@ -4,11 +4,14 @@
     ucgm edit RUN --task superres --factor 2 --input photo.png --out sharp.npz
     ucgm edit RUN --task colorize --input gray.png --out colour.png
 
-Inputs are in the data's raw units (``.npy``, ``.npz`` / ``.safetensors`` with a ``samples`` entry, or an image
-file read as 0..255 pixels); one sample ``(*shape)`` or a batch ``(B, *shape)``. They are normalised with the
-checkpoint's normalisation, edited with :func:`ucgm.sampling.editing.edit` (the network read as its objective
-trained it: the consistency wrapper for consistency objectives, the run transport otherwise), and written
-atomically (``.png`` grid in model space, ``.npz`` / ``.safetensors`` in data units). For colorization the
+Array inputs are in the data's raw units (``.npy``, ``.npz`` / ``.safetensors`` with a ``samples`` entry); one
+sample ``(*shape)`` or a batch ``(B, *shape)``, normalised with the checkpoint's normalisation. An image file
+(``.png``, ``.jpg``) is read as an image dataset reads its files (:func:`ucgm.data.image_folder.load_image`:
+converted to RGB or grey as the data have 3 or 1 channels, resized when the run's data section sets
+``image_size``) and its pixels 0..255 mapped to [-1, 1], the model space of image data. Each is edited with
+:func:`ucgm.sampling.editing.edit` (the network read as its objective trained it: the consistency wrapper for
+consistency objectives, the run transport otherwise; per-sample noise, so a sample does not depend on the batch),
+and written atomically (``.png`` grid in model space, ``.npz`` / ``.safetensors`` in data units). For colorization the
 input's luma is what is kept: a grey input replicated to 3 channels keeps its grey level as luma.
 """
 
@@ -55,14 +58,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _check_input_file(path: Path) -> None:
+    if path.suffix.lower() not in INPUT_SUFFIXES:
+        raise ValueError(f"{str(path)!r}: allowed input extensions: {', '.join(INPUT_SUFFIXES)}")
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} does not exist")
+
+
+def read_image_input(path: Path, shape: Sequence[int], data_config: dict) -> Tensor:
+    """An image file as a model-space batch ``(1, *shape)`` in [-1, 1], read as the run's image data were."""
+    from ..data.image_folder import PIXEL_NORMALISATION, load_image
+
+    _check_input_file(path)
+    shape = tuple(shape)
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise ValueError(f"an image input needs image data (1 or 3, H, W); the checkpoint's data have shape {shape} "
+                         f"(pass a .npy, .npz or .safetensors array instead)")
+    size = shape[1:] if data_config.get("image_size") is not None else None
+    pixels = load_image(path, "RGB" if shape[0] == 3 else "L", size)
+    if tuple(pixels.shape) != shape:
+        raise ValueError(f"image {str(path)!r} is {pixels.shape[1]}x{pixels.shape[2]} pixels; the checkpoint's data "
+                         f"are {shape[1]}x{shape[2]} (resize it, or train with data.image_size)")
+    return PIXEL_NORMALISATION.normalise(pixels.unsqueeze(0))
+
+
 def read_tensor(path: Path) -> Tensor:
     """A float32 tensor from ``.npy``, ``.npz`` / ``.safetensors`` (entry ``samples``, else the only entry) or an
     image file (``(C, H, W)`` pixels 0..255)."""
     suffix = path.suffix.lower()
-    if suffix not in INPUT_SUFFIXES:
-        raise ValueError(f"{str(path)!r}: allowed input extensions: {', '.join(INPUT_SUFFIXES)}")
-    if not path.is_file():
-        raise ValueError(f"{str(path)!r} does not exist")
+    _check_input_file(path)
     if suffix == ".npy":
         return torch.as_tensor(np.load(path, allow_pickle=False), dtype=torch.float32)
     if suffix in (".npz", ".safetensors"):
@@ -141,6 +168,8 @@ def run_edit(args: argparse.Namespace) -> Tensor:
     """Load, edit and write; returns the edited batch in model space."""
     from ..data.base import AffineNormalisation
     from ..sampling.editing import edit
+    from ..sampling.seeded import check_finite_samples, fresh_noise_source
+    from ..validation import check_finite
     from .artifacts import check_output_path, write_arrays, write_png
     from ..training.distributed import resolve_device
     from .sample import load_checkpoint_model
@@ -153,8 +182,12 @@ def run_edit(args: argparse.Namespace) -> Tensor:
         raise ValueError(f"{str(info.path)!r} does not record the data shape")
     normalisation = AffineNormalisation.from_dict(info.normalisation) if info.normalisation else None
     device = next(loaded.networks[loaded.method.sampling_role].parameters()).device
-    raw = _as_batch(read_tensor(args.input), info.data_shape)
-    observation = (normalisation.normalise(raw) if normalisation is not None else raw).to(device)
+    if args.input.suffix.lower() in IMAGE_SUFFIXES:
+        observation = read_image_input(args.input, info.data_shape, loaded.config.get("data") or {}).to(device)
+    else:
+        raw = _as_batch(read_tensor(args.input), info.data_shape)
+        observation = (normalisation.normalise(raw) if normalisation is not None else raw).to(device)
+    check_finite("input", observation)
     subspace = _subspace(args, info.data_shape, observation)
     labels = None if args.labels is None else \
         torch.tensor(args.labels, device=device).repeat(observation.shape[0])[:observation.shape[0]]
@@ -162,7 +195,9 @@ def run_edit(args: argparse.Namespace) -> Tensor:
     with torch.no_grad():
         result = edit(model, transport, observation, subspace, labels, steps=args.nfe, sigma_min=args.sigma_min,
                       sigma_max=args.sigma_max, clamp=None if args.no_clamp or not is_image else (-1.0, 1.0),
-                      generator=torch.Generator().manual_seed(args.seed)).sample.cpu()
+                      generator=fresh_noise_source(args.seed, range(observation.shape[0]))).sample.cpu()
+    check_finite_samples(result, f"the {args.task} editor ({args.nfe} NFE, sigma_min={args.sigma_min}, "
+                                 f"sigma_max={args.sigma_max})")
     if args.out.suffix == ".png":
         data = normalisation.denormalise(result) if normalisation is not None and not is_image else result
         write_png(data, labels.cpu() if labels is not None else None, args.out)
@@ -174,15 +209,9 @@ def run_edit(args: argparse.Namespace) -> Tensor:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``ucgm edit``; returns the exit status (2 on bad input)."""
-    from ..training.checkpoint import CheckpointError
-
+    """Entry point of ``ucgm edit`` (bad input raises; the ``ucgm`` dispatcher turns it into one line, exit 2)."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        result = run_edit(args)
-    except (ValueError, CheckpointError) as error:
-        print(f"ucgm edit: error: {error}", file=sys.stderr)
-        return 2
+    result = run_edit(args)
     print(f"ucgm edit: wrote {result.shape[0]} edited samples ({args.task}, {args.nfe} NFE) to {args.out}",
           file=sys.stderr)
     return 0

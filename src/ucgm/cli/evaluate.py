@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..analysis.reports import (
     SPEC_SYNTAX,
@@ -51,6 +51,7 @@ from ..sampling.schedules import read_schedule
 from ..atomic import atomic_write_text
 from ..training.checkpoint import CheckpointError
 from ..training.distributed import resolve_device
+from .progress import Progress
 from .help_text import plain_text
 from .sample import LoadedCheckpoint, load_checkpoint_model
 from ..validation import ConfigError
@@ -66,18 +67,20 @@ def default_model_name(checkpoint: Path | str) -> str:
     return path.parent.name if path.is_file() else path.name
 
 
-def _preflight(network, transport, samplers: Sequence, nfes: Sequence[int], shape: Sequence[int],
+def _preflight(network, transport, samplers: dict, nfes: Sequence[int], shape: Sequence[int],
                num_classes: int, device: torch.device) -> None:
     """Run every sampler at every budget on one sample, so that bad settings fail before the long work."""
-    for sampler in samplers:
+    for label, sampler in samplers.items():
         for nfe in nfes:
-            draw_samples(network, transport, sampler, nfe, shape, num_classes, num=1, device=device)
+            draw_samples(network, transport, sampler, nfe, shape, num_classes, num=1, device=device, label=label)
 
 
 def evaluate_checkpoint(loaded: LoadedCheckpoint, specs: Sequence[SamplerSpec], nfes: Sequence[int],
                         suite: MetricSuite, num: int, seed: int = 0, batch_size: int = 1000, model_name: str = "model",
-                        weights: str = "ema", device: torch.device | str = "cpu", progress: bool = False) -> list[dict]:
-    """Records of every (sampler, NFE) on the same seeded noise, then the suite's baselines (``nfe = 0``)."""
+                        weights: str = "ema", device: torch.device | str = "cpu", progress: Optional[bool] = False
+                        ) -> list[dict]:
+    """Records of every (sampler, NFE) on the same seeded noise, then the suite's baselines (``nfe = 0``);
+    ``progress`` is the mode of :class:`~ucgm.cli.progress.Progress` (``None``: a bar on a terminal, else lines)."""
     info = loaded.info
     if info.data_shape is None:
         raise CheckpointError(f"{str(info.path)!r} does not record the data shape; cannot draw noise")
@@ -89,21 +92,27 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, specs: Sequence[SamplerSpec], 
     specs = specs or [SamplerSpec(method_sampler[0], method_sampler[0], {})]
     settings = {spec.label: effective_settings(spec, run_settings, method_sampler) for spec in specs}
     samplers = {spec.label: get_sampler(spec.name, settings[spec.label]) for spec in specs}
-    _preflight(network, transport, list(samplers.values()), nfes, info.data_shape, num_classes, device)
+    _preflight(network, transport, samplers, nfes, info.data_shape, num_classes, device)
     common = {"dataset": suite.dataset, "model": model_name}
     extra = {"seed": seed, "num_samples": num, "step": info.step, "weights": weights}
     records = []
     jobs = [(spec, nfe) for spec in specs for nfe in nfes]
-    for spec, nfe in tqdm(jobs, desc="ucgm evaluate", disable=not progress):
+    bar = Progress("ucgm evaluate", len(jobs), "job", mode=progress)
+    for spec, nfe in jobs:
         drawn = draw_samples(network, transport, samplers[spec.label], nfe, info.data_shape, num_classes, num, seed,
-                             batch_size, device)
+                             batch_size, device, spec.label)
+        bar.update()
         for measured in suite.evaluate(drawn.samples, drawn.labels):
+            if not math.isfinite(measured.value):
+                raise ValueError(f"metric {measured.metric} of sampler {spec.label!r} at NFE budget {nfe} is "
+                                 f"{measured.value}; no report was written")
             record = {**common, "sampler": spec.label, "nfe": drawn.nfe, "metric": measured.metric,
                       "value": measured.value, "budget": nfe, "settings": jsonable_settings(settings[spec.label]),
                       **extra}
             if measured.protocol is not None:
                 record["protocol"] = measured.protocol
             records.append(record)
+    bar.close()
     for measured in suite.baselines():
         records.append({"dataset": suite.dataset, "model": "reference data", "sampler": suite.baseline_name,
                         "nfe": 0, "metric": measured.metric, "value": measured.value, "budget": 0,
@@ -175,13 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dinov2-weights", help="dinov2_vitl14_pretrain.pth (default $UCGM_DINOV2_WEIGHTS)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="show a progress bar (default: when stderr is a terminal)")
+                        help="progress bar on a terminal, else a plain line every few seconds (default); "
+                             "--no-progress: neither")
     return parser
 
 
 def run_evaluate(args: argparse.Namespace, command: str) -> list[dict]:
     """Validate the arguments, evaluate, write the three outputs; returns the records."""
     started = time.perf_counter()
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {str(args.out)!r} is an existing file; --out names a directory (metrics.json, "
+                         f"metrics.md and nfe_quality.png are written into it, created when missing)")
     schedules = {f"schedule:{path}": read_schedule(path) for path in args.schedule}
     nfes = parse_nfe_list(args.nfe or ",".join(dict.fromkeys(str(s.nfe) for s in schedules.values()))
                           or DEFAULT_NFES)
@@ -195,7 +208,7 @@ def run_evaluate(args: argparse.Namespace, command: str) -> list[dict]:
     loaded = load_checkpoint_model(args.checkpoint, args.weights, args.device)
     suite = build_metric_suite(loaded.config, args.num, loaded.info.num_classes or 0, args.num_reference,
                                overrides, feature_distances(args))
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    progress = args.progress
     model_name = args.model_name or default_model_name(args.checkpoint)
     records = evaluate_checkpoint(loaded, specs, nfes, suite, args.num, args.seed, args.batch_size, model_name,
                                   args.weights, args.device, progress)

@@ -19,7 +19,6 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..sampling.registry import get_sampler
 from ..metrics import sliced_wasserstein
@@ -28,7 +27,8 @@ from ..atomic import atomic_path, atomic_write_text
 from .components import accepted_keys
 from .help_text import plain_text
 from .config import resolve_config
-from ..sampling.seeded import initial_noise, sample_labels
+from ..analysis.reports import draw_samples
+from .progress import Progress
 from .train import run_training
 from .sample import load_checkpoint_model
 from .tune import tune_config
@@ -98,7 +98,7 @@ def _digits_metric(run_dir: Path, count: int) -> Callable[[Tensor], float]:
 METRICS = {"sliced_w2": _gmm_metric, "digits_fd": _digits_metric}
 
 
-def train_pair(name: str, recipe: Recipe, out: Path, progress: bool) -> tuple[Path, Path]:
+def train_pair(name: str, recipe: Recipe, out: Path, progress: Optional[bool]) -> tuple[Path, Path]:
     """Train (or resume) the multi-step run, then the few-step tuning run started from it."""
     multi_dir, few_dir = out / name / "multi-step", out / name / "few-step"
     run_training(resolve_config(recipe.preset, recipe.overrides, accepted_keys), multi_dir, progress=progress)
@@ -108,29 +108,30 @@ def train_pair(name: str, recipe: Recipe, out: Path, progress: bool) -> tuple[Pa
 
 @torch.no_grad()
 def evaluate_pair(name: str, recipe: Recipe, runs: dict[str, Path], out: Path, nfes: Sequence[int],
-                  progress: bool) -> list[dict]:
+                  progress: Optional[bool]) -> list[dict]:
     """Sample every model with every sampler at every NFE on the same noise; return metric records and write
     sample grids (NFE 1, 2 and 64)."""
     metric = METRICS[recipe.metric_name](runs["multi-step"], recipe.num_samples)
     records = []
     jobs = [(model_name, sampler, nfe) for model_name in runs for sampler in recipe.samplers[model_name]
             for nfe in nfes]
-    bar = tqdm(jobs, desc=f"{name}: sampling", disable=not progress)
+    bar = Progress(f"quickstart {name}: sampling", len(jobs), "job", mode=progress)
     loaded = {model_name: load_checkpoint_model(path) for model_name, path in runs.items()}
-    for model_name, sampler_name, nfe in bar:
+    for model_name, sampler_name, nfe in jobs:
         checkpoint = loaded[model_name]
-        shape, num_classes = checkpoint.info.data_shape, checkpoint.info.num_classes
-        noise = initial_noise(0, range(recipe.num_samples), shape, torch.device("cpu"))
-        labels = sample_labels(recipe.num_samples, num_classes)
         sampler = get_sampler(sampler_name, recipe.samplers[model_name][sampler_name])
-        result = sampler(checkpoint.model, checkpoint.transport, noise, labels, nfe, torch.Generator().manual_seed(1))
-        samples = result.sample.float()
-        records.append({"dataset": name, "model": model_name, "sampler": sampler_name, "nfe": result.nfe,
+        drawn = draw_samples(checkpoint.model, checkpoint.transport, sampler, nfe, checkpoint.info.data_shape,
+                             checkpoint.info.num_classes or 0, recipe.num_samples, seed=0,
+                             batch_size=recipe.num_samples, label=sampler_name)
+        samples, labels = drawn.samples, drawn.labels
+        records.append({"dataset": name, "model": model_name, "sampler": sampler_name, "nfe": drawn.nfe,
                         "metric": recipe.metric_name, "value": float(metric(samples))})
+        bar.update()
         if nfe in (1, 2, 64):
             count = 1000 if samples.ndim == 2 else 64
             write_png(samples[:count], None if labels is None else labels[:count],
                       out / name / "samples" / f"{model_name}_{sampler_name}_nfe{nfe}.png")
+    bar.close()
     return records
 
 
@@ -198,7 +199,7 @@ def render_report(records: list[dict], nfes: Sequence[int], seconds: float) -> s
 
 
 def run_quickstart(out: Path | str = "runs/quickstart", datasets: Sequence[str] = tuple(RECIPES),
-                   nfes: Sequence[int] = NFES, progress: bool = True,
+                   nfes: Sequence[int] = NFES, progress: Optional[bool] = None,
                    recipes: Optional[dict[str, Recipe]] = None) -> list[dict]:
     """Run the main job; returns the metric records (also written to ``out/metrics.json``)."""
     out = Path(out)

@@ -1,4 +1,8 @@
-"""``ucgm sample``: load a checkpoint on its own (config and normalisation come from its metadata), sample, write."""
+"""``ucgm sample``: load a checkpoint on its own (config and normalisation come from its metadata), sample, write.
+
+Samples holding NaN or Inf are not written (:class:`~ucgm.sampling.seeded.NonFiniteSamples` names the sampler and
+its settings); progress is reported per batch of samples (:mod:`ucgm.cli.progress`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ from typing import Optional, Sequence
 import torch
 
 from ..data.bits import normalisation_from_dict
-from .artifacts import check_output_path, write_arrays, write_png
+from .artifacts import OUTPUT_SUFFIXES, check_output_path, write_arrays, write_png
+from .progress import Progress
 from ..training.checkpoint import CheckpointError, CheckpointInfo, read_checkpoint_info
 from ..training.loading import LoadedCheckpoint
 from ..training.loading import load_checkpoint_model as load_sampling_model
@@ -52,17 +57,26 @@ def write_samples(samples: Samples, outputs: Sequence[Path], info: CheckpointInf
 
 
 def run_sampling(checkpoint: Path | str, outputs: Sequence[Path], overrides: Sequence[str] = (),
-                 weights: str = "ema", device: str | torch.device = "auto") -> tuple[Samples, SamplingConfig]:
-    """Sample ``checkpoint`` with its ``sampling`` settings (after ``overrides``) and write ``outputs``."""
+                 weights: str = "ema", device: str | torch.device = "auto", progress: Optional[bool] = None
+                 ) -> tuple[Samples, SamplingConfig]:
+    """Sample ``checkpoint`` with its ``sampling`` settings (after ``overrides``) and write ``outputs``;
+    ``progress`` is the mode of :class:`~ucgm.cli.progress.Progress`."""
     for path in outputs:
         check_output_path(path)
+        if Path(path).is_dir():
+            raise ValueError(f"--out {str(path)!r} is a directory; --out names a file "
+                             f"({', '.join(OUTPUT_SUFFIXES)})")
     device = resolve_device(device)
     loaded = load_checkpoint_model(checkpoint, weights, device, overrides)
     settings = typed_section(loaded.config, "sampling")
     info = loaded.info
     if info.data_shape is None:
         raise CheckpointError(f"{str(info.path)!r} does not record the data shape; cannot draw noise")
-    samples = generate_samples(loaded.model, loaded.transport, settings, info.data_shape, info.num_classes or 0,
-                               device, loaded.method.sampler())
+    bar = Progress("ucgm sample", settings.num, "sample", mode=progress)
+    try:
+        samples = generate_samples(loaded.model, loaded.transport, settings, info.data_shape, info.num_classes or 0,
+                                   device, loaded.method.sampler(), on_batch=bar.update)
+    finally:
+        bar.close()
     write_samples(samples, outputs, info)
     return samples, dataclasses.replace(settings, sampler=resolve_sampler(settings, loaded.method.sampler())[0])

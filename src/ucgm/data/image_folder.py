@@ -1,7 +1,9 @@
 """A class-per-folder image directory (``root/<class name>/**/<image>``) read with Pillow.
 
 Class names sorted alphabetically give the label ids. Images are decoded per batch (nothing is held in memory
-but the file list); every image must have the same size unless ``image_size`` resizes them.
+but the file list); every image must have the same size unless ``image_size`` resizes them. Every file's header
+is read when the dataset is built, so a file that is not an image fails before training, naming the file; an
+image whose data turn out corrupt or truncated when a batch decodes it fails naming the file and sample index.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class ImageFolderDataset(FiniteDataset):
         self.class_names, self.files, labels = _scan_class_folders(self.root)
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.num_classes = len(self.class_names)
-        height, width = self.target_size or _common_size(self.files)
+        sizes = _image_sizes(self.files)
+        height, width = self.target_size or _common_size(sizes)
         self.shape = (3 if mode == "RGB" else 1, height, width)
         self.normaliser = PIXEL_NORMALISATION
 
@@ -53,16 +56,29 @@ class ImageFolderDataset(FiniteDataset):
         return self.normaliser.normalise(images), self.labels[indices]
 
     def _load(self, index: int) -> Tensor:
-        from PIL import Image
+        try:
+            return load_image(self.files[index], self.mode, self.target_size)
+        except ValueError as error:
+            raise ValueError(f"{error} (sample {index} of image folder {str(self.root)!r})") from error
 
-        with Image.open(self.files[index]) as image:
-            image = image.convert(self.mode)
-            if self.target_size is not None and image.size != self.target_size[::-1]:
-                image = image.resize(self.target_size[::-1], Image.Resampling.BICUBIC)
+
+def load_image(path: Path, mode: str, size: Optional[tuple[int, int]] = None) -> Tensor:
+    """The pixels 0..255 of an image file as float32 ``(C, H, W)``: converted to ``mode`` (``"RGB"`` or ``"L"``)
+    and, when ``size = (height, width)`` differs, resized (bicubic) — how the dataset reads its files. A file
+    Pillow cannot decode raises ``ValueError`` naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert(mode)
+            if size is not None and image.size != size[::-1]:
+                image = image.resize(size[::-1], Image.Resampling.BICUBIC)
             pixels = np.asarray(image, dtype=np.float32)
-        if pixels.ndim == 2:
-            pixels = pixels[:, :, None]
-        return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # PIL's decoding errors
+        raise ValueError(f"image {str(path)!r} cannot be decoded ({error}); repair or remove the file") from error
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
 def _scan_class_folders(root: Path) -> tuple[list[str], list[Path], list[int]]:
@@ -95,14 +111,23 @@ def _parse_size(image_size: Optional[Union[int, Sequence[int]]]) -> Optional[tup
     return size
 
 
-def _common_size(files: list[Path]) -> tuple[int, int]:
-    """The shared ``(height, width)`` of all images (read from their headers)."""
+def _image_sizes(files: list[Path]) -> dict[tuple[int, int], Path]:
+    """``(height, width)`` -> the first file of that size, from every file's header (cheap: no pixel data is
+    decoded); a file that is not an image raises ``ValueError`` naming it."""
     from PIL import Image
 
     sizes: dict[tuple[int, int], Path] = {}
     for path in files:
-        with Image.open(path) as image:
-            sizes.setdefault((image.height, image.width), path)
+        try:
+            with Image.open(path) as image:
+                sizes.setdefault((image.height, image.width), path)
+        except (OSError, SyntaxError, ValueError) as error:  # UnidentifiedImageError is an OSError
+            raise ValueError(f"image {str(path)!r} cannot be read ({error}); repair or remove the file") from error
+    return sizes
+
+
+def _common_size(sizes: dict[tuple[int, int], Path]) -> tuple[int, int]:
+    """The shared ``(height, width)`` of all images."""
     if len(sizes) > 1:
         examples = ", ".join(f"{height}x{width} ({path.name})" for (height, width), path in list(sizes.items())[:3])
         raise ValueError(f"images have different sizes ({examples}); set image_size to resize them to one size")

@@ -23,7 +23,9 @@ LATENT_SUFFIXES = (".safetensors", ".npy")
 class LatentsDataset(TensorDataset):
     """Latents ``(N, *shape)`` as float32, standardised by ``scaling``; labels from the file or ``labels_path``.
 
-    ``num_classes`` defaults to ``max(label) + 1`` (0 without labels).
+    ``num_classes`` defaults to ``max(label) + 1`` (0 without labels) when every class id below it occurs; labels
+    that skip ids (e.g. a file of 99s alone, which would make 99 classes that never occur) need an explicit
+    ``num_classes``.
     """
 
     def __init__(
@@ -37,11 +39,23 @@ class LatentsDataset(TensorDataset):
         latents, labels = load_latents(path, labels_path)
         normaliser = fit_normalisation(latents, scaling)
         if num_classes is None:
-            num_classes = 0 if labels is None else int(labels.max()) + 1
+            num_classes = 0 if labels is None else inferred_num_classes(labels)
         if labels is not None and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"labels must lie in [0, {num_classes - 1}] for num_classes={num_classes}")
         super().__init__(normaliser.normalise(latents), labels, num_classes, normaliser)
         self.path = Path(path)
+
+
+def inferred_num_classes(labels: Tensor) -> int:
+    """``max(labels) + 1`` when every id from 0 to the largest occurs; otherwise ``ValueError`` naming them."""
+    present = torch.unique(labels)
+    largest = int(present.max())
+    if present.numel() != largest + 1:
+        raise ValueError(f"labels use {present.numel()} distinct class id(s) (e.g. {present[:5].tolist()}) but the "
+                         f"largest is {largest}, so {largest + 1 - present.numel()} class id(s) below it never occur; "
+                         f"set num_classes explicitly (e.g. num_classes={largest + 1}) or renumber the classes "
+                         f"0..{present.numel() - 1}")
+    return largest + 1
 
 
 def load_latents(

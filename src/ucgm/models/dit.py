@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..validation import check_choice, check_positive_int
 from .attention import SelfAttention
+from .bottleneck import optional_classifier_head
 from .conditions import ConditionLayers
 from .embeddings import DEFAULT_TIME_SCALE, ConditionEmbedding
 
@@ -114,7 +115,9 @@ class DiT(nn.Module):
     tokens (:mod:`ucgm.models.conditions`).
 
     ``size`` picks a preset of :data:`DIT_SIZES`; ``depth``, ``hidden_size`` and ``num_heads`` override it
-    (useful for tiny test models). ``num_classes = None`` gives an unconditional model.
+    (useful for tiny test models). ``num_classes = None`` gives an unconditional model. Its bottleneck features
+    (:mod:`ucgm.models.bottleneck`) are the middle block's tokens; ``classifier_head=True`` adds a classifier head
+    on them.
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
         time_scale: float = DEFAULT_TIME_SCALE,
         conditions: Sequence[str] = (),
+        classifier_head: bool = False,
     ):
         super().__init__()
         size = size.upper() if isinstance(size, str) else size
@@ -168,6 +172,12 @@ class DiT(nn.Module):
         self.conditions = ConditionLayers(
             conditions, hidden_size, time_scale, self.condition.time.frequency_dim,
             lambda: nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, bias=False))
+        self.bottleneck_channels = hidden_size
+        self.classifier_head = optional_classifier_head(classifier_head, hidden_size)
+
+    def bottleneck_layer(self) -> nn.Module:
+        """The middle transformer block (its output tokens are the bottleneck features)."""
+        return self.blocks[len(self.blocks) // 2]
 
     @classmethod
     def from_name(cls, name: str, **kwargs) -> "DiT":

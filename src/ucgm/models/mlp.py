@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 from torch import Tensor, nn
 
 from ..validation import check_positive_int
+from .bottleneck import optional_classifier_head
 from .conditions import ConditionLayers
 from .embeddings import DEFAULT_TIME_SCALE, ConditionEmbedding
 
@@ -34,7 +35,9 @@ class MLP(nn.Module):
     ``x`` may have any shape ``(B, *shape)`` with ``prod(shape) == data_dim``; it is flattened and the output is
     reshaped back. ``depth`` residual blocks of width ``hidden`` are modulated by the time (+ class) embedding.
     The output layer is zero-initialised, so the model starts at 0. ``conditions`` lists the extra model
-    conditions it accepts (:mod:`ucgm.models.conditions`).
+    conditions it accepts (:mod:`ucgm.models.conditions`). Its bottleneck features
+    (:mod:`ucgm.models.bottleneck`) are the last block's ``(B, hidden)`` output; ``classifier_head=True`` adds a
+    classifier head on them.
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class MLP(nn.Module):
         time_scale: float = DEFAULT_TIME_SCALE,
         dropout: float = 0.0,
         conditions: Sequence[str] = (),
+        classifier_head: bool = False,
     ):
         super().__init__()
         for name, value in (("data_dim", data_dim), ("hidden", hidden), ("depth", depth)):
@@ -60,6 +64,12 @@ class MLP(nn.Module):
         self.output = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, data_dim))
         nn.init.zeros_(self.output[-1].weight)
         nn.init.zeros_(self.output[-1].bias)
+        self.bottleneck_channels = hidden
+        self.classifier_head = optional_classifier_head(classifier_head, hidden)
+
+    def bottleneck_layer(self) -> nn.Module:
+        """The last residual block (its output is the bottleneck feature vector)."""
+        return self.blocks[-1]
 
     def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None, **conditions: Optional[Tensor]
                 ) -> Tensor:

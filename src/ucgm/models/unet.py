@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..validation import check_positive_int
 from .attention import SelfAttention
+from .bottleneck import optional_classifier_head
 from .conditions import ConditionLayers
 from .embeddings import DEFAULT_TIME_SCALE, ConditionEmbedding
 
@@ -114,7 +115,8 @@ class UNet(nn.Module):
 
     ``input_size`` is the image side the attention resolutions refer to; other sizes divisible by
     ``2^(len(channel_mults) - 1)`` also run. Output convolution and residual branches start at zero, so the
-    model output is 0 at initialisation.
+    model output is 0 at initialisation. Its bottleneck features (:mod:`ucgm.models.bottleneck`) are the last encoder
+    stage's output; ``classifier_head=True`` adds a classifier head on them.
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class UNet(nn.Module):
         time_scale: float = DEFAULT_TIME_SCALE,
         max_groups: int = 32,
         conditions: Sequence[str] = (),
+        classifier_head: bool = False,
     ):
         super().__init__()
         for name, value in (
@@ -182,6 +185,8 @@ class UNet(nn.Module):
                 self.down.append(Downsample(channels))
                 skip_channels.append(channels)
 
+        self.bottleneck_channels = channels
+        self.classifier_head = optional_classifier_head(classifier_head, channels)
         self.middle = nn.ModuleList([stage(channels, channels, True), stage(channels, channels, False)])
 
         self.up = nn.ModuleList()
@@ -197,6 +202,10 @@ class UNet(nn.Module):
         self.output = nn.Sequential(
             group_norm(channels, max_groups), nn.SiLU(), zero_init(nn.Conv2d(channels, in_channels, 3, padding=1))
         )
+
+    def bottleneck_layer(self) -> nn.Module:
+        """The last encoder stage (its output, before the middle blocks, is the bottleneck feature map)."""
+        return self.down[-1]
 
     def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None, **conditions: Optional[Tensor]
                 ) -> Tensor:

@@ -25,6 +25,7 @@ uniform grid ``uniform_grid(N, t_max)`` (setting ``t_max``, default 1), EDM on i
 | ``cascade`` | a multi-resolution cascade: n split over the levels, each level its stage sampler | sum of levels | sum |
 | ``flow-map`` | two-time flow map: n jumps on a uniform / Karras grid, CTM's gamma-sampling | N = n | n |
 | ``shortcut`` | Shortcut: n jumps of step sizes 2^-k (dyadic grid), each conditioned on its step | N = n | n |
+| ``generator`` | few-step generators (DMD, DMD2, MSD, SIM, CoSIM): jump to data, re-noise; a prefix of the trained times | N = n | n |
 
 The true NFE is the largest one the sampler can reach without exceeding the budget (so an even budget for a
 sampler of NFE 2N - 1 spends one call less); it is the ``nfe`` of the returned :class:`SampleResult`.
@@ -46,9 +47,10 @@ from .caf_sampler import caf_sample
 from .cascade_sampler import cascade_sample, default_step_fractions, split_budget
 from .consistency_sampler import consistency_sample, multistep_consistency_sample
 from .dddm_sampler import dddm_sample
-from .ddim_sampler import ddim_sample, stochastic_ddim_sample
 from .flow_map_sampler import dyadic_grid, flow_map_grid, flow_map_sample
+from .ddim_sampler import ddim_sample, stochastic_ddim_sample
 from .result import SampleResult
+from .generator_sampler import generator_sample
 from .scm_sampler import scm_sample
 from .solvers import dpm_solver_pp_2m_sample, edm_stochastic_sample, euler_sample, heun_sample
 from .ucgm_sampler import ucgm_sample
@@ -77,10 +79,17 @@ EDM_SETTINGS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 DEFAULT_GAPS = tuple(inspect.signature(ucgm_sample).parameters["gaps"].default)
 
 
+#: The largest budget any sampler accepts (far beyond where more steps change a sample).
+MAX_NFE = 10_000
+
+
 def _check_nfe(name: str, nfe: int, minimum: int = 1) -> None:
     check_positive_int("nfe", nfe)
     if nfe < minimum:
         raise ValueError(f"nfe={nfe} is below the smallest budget {minimum} of sampler {name!r}")
+    if nfe > MAX_NFE:
+        raise ValueError(f"nfe={nfe} is above the largest budget {MAX_NFE} of sampler {name!r}; allowed: "
+                         f"{minimum} to {MAX_NFE} network evaluations per sample")
 
 
 def two_call_intervals(nfe: int) -> int:
@@ -192,23 +201,13 @@ def _scm(model, transport, noise, labels, nfe, generator, return_trajectory: boo
                       return_trajectory=return_trajectory, **settings)
 
 
-def _flow_map(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
-              grid: str = "uniform", t_max: float = 1.0, t_min: float = 0.0, sigma_min: float = 0.002,
-              sigma_max: float = 80.0, rho: float = 7.0, times: Optional[Sequence[float]] = None,
-              gamma: float = 0.0, clip: Optional[float] = None) -> SampleResult:
-    """``nfe`` flow-map jumps on :func:`~ucgm.sampling.flow_map_sampler.flow_map_grid` with CTM's ``gamma``."""
-    _check_nfe("flow-map", nfe)
-    grid_times = flow_map_grid(transport.path, nfe, grid, t_max, t_min, sigma_min, sigma_max, rho, times)
-    return flow_map_sample(model, transport, noise, labels, times=grid_times, gamma=gamma, clip=clip,
-                           generator=generator, return_trajectory=return_trajectory)
-
-
-def _shortcut(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
-              clip: Optional[float] = None) -> SampleResult:
-    """``nfe`` shortcut jumps of step sizes ``2^-k`` (:func:`~ucgm.sampling.flow_map_sampler.dyadic_grid`)."""
-    _check_nfe("shortcut", nfe)
-    return flow_map_sample(model, transport, noise, labels, times=dyadic_grid(nfe), clip=clip,
-                           generator=generator, return_trajectory=return_trajectory)
+def _ddim(stochastic: bool, model, transport, noise, labels, nfe, generator, return_trajectory: bool = False
+          ) -> SampleResult:
+    _check_nfe("ddim-stochastic" if stochastic else "ddim", nfe)
+    if stochastic:
+        return stochastic_ddim_sample(model, transport, noise, labels, steps=nfe, generator=generator,
+                                      return_trajectory=return_trajectory)
+    return ddim_sample(model, transport, noise, labels, steps=nfe, return_trajectory=return_trajectory)
 
 
 def _caf(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
@@ -223,15 +222,6 @@ def _dddm(model, transport, noise, labels, nfe, generator, return_trajectory: bo
     _check_nfe("dddm", nfe)
     return dddm_sample(model, transport, noise, labels, steps=nfe, generator=generator,
                        return_trajectory=return_trajectory, **settings)
-
-
-def _ddim(stochastic: bool, model, transport, noise, labels, nfe, generator, return_trajectory: bool = False
-          ) -> SampleResult:
-    _check_nfe("ddim-stochastic" if stochastic else "ddim", nfe)
-    if stochastic:
-        return stochastic_ddim_sample(model, transport, noise, labels, steps=nfe, generator=generator,
-                                      return_trajectory=return_trajectory)
-    return ddim_sample(model, transport, noise, labels, steps=nfe, return_trajectory=return_trajectory)
 
 
 def _cascade(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False, levels: int = 2,
@@ -278,7 +268,7 @@ def _generator(model, transport, noise, labels, nfe, generator, return_trajector
 SOLVER_NAMES = ("ucgm", "ucgm-o2", "euler", "heun", "dpm++2m", "edm")
 #: Samplers of models trained by a particular method (each method names its own, :meth:`Method.sampler`).
 METHOD_SAMPLER_NAMES = ("cm-multistep", "mcm", "scm", "caf", "dddm", "ddim", "ddim-stochastic", "cascade",
-                        "flow-map", "shortcut")
+                        "flow-map", "shortcut", "generator")
 SAMPLER_NAMES = SOLVER_NAMES + METHOD_SAMPLER_NAMES
 FLOW_MATCHING_SAMPLER_NAMES = ("fm-euler", "fm-midpoint")
 
@@ -298,9 +288,10 @@ SAMPLERS: dict[str, Callable[..., SampleResult]] = {
     "dddm": _dddm,
     "ddim": functools.partial(_ddim, False),
     "ddim-stochastic": functools.partial(_ddim, True),
+    "cascade": _cascade,
     "flow-map": _flow_map,
     "shortcut": _shortcut,
-    "cascade": _cascade,
+    "generator": _generator,
 }
 
 ALLOWED_SETTINGS: dict[str, tuple[str, ...]] = {
@@ -312,9 +303,10 @@ ALLOWED_SETTINGS: dict[str, tuple[str, ...]] = {
     "caf": ("clip",),
     "dddm": ("t_max", "clip"),
     "ddim": (), "ddim-stochastic": (),
+    "cascade": CASCADE_SETTINGS,
     "flow-map": ("grid", "t_max", "t_min", "sigma_min", "sigma_max", "rho", "times", "gamma", "clip"),
     "shortcut": ("clip",),
-    "cascade": CASCADE_SETTINGS,
+    "generator": ("times",),
 }
 
 

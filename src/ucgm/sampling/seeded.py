@@ -5,6 +5,8 @@ The initial noise of sample ``i`` comes from a generator seeded by ``(seed, i)``
 the batch size or the split over processes: the fresh noise of stochastic samplers (UCGM-S with stochasticity > 0,
 EDM churn, consistency re-noising) comes from a per-sample stream too (:class:`~ucgm.sampling.noise.PerSampleNoise`
 seeded by ``(seed, i)``, independent of the initial noise).
+
+Samples that hold NaN or Inf are never returned: :class:`NonFiniteSamples` names the sampler and its settings.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from torch import Tensor, nn
 from .guidance import ClassifierFreeGuidance
 from .noise import PerSampleNoise
 from .registry import get_sampler
+from .schedules import read_schedule
 from ..transports import Transport
 from .settings import SamplingConfig
-from .schedules import read_schedule
 from ..seeding import SAMPLE_STREAM, derive_seed, seeded_generator
+from ..validation import nonfinite_rows
 
 _FRESH_NOISE = 1
 
@@ -31,6 +34,27 @@ class Samples(NamedTuple):
     samples: Tensor
     labels: Optional[Tensor]
     nfe: int
+
+
+class NonFiniteSamples(ValueError):
+    """A sampler produced NaN or Inf values."""
+
+
+def check_finite_samples(samples: Tensor, sampler: str, offset: int = 0) -> None:
+    """Raise :class:`NonFiniteSamples` naming ``sampler`` (its name and settings) and the first bad sample
+    (``offset`` is the index of ``samples[0]``)."""
+    if samples.is_floating_point() and not torch.isfinite(samples).all():
+        rows = nonfinite_rows(samples)
+        raise NonFiniteSamples(
+            f"{sampler} produced NaN or Inf values in {rows.numel()} of {samples.shape[0]} samples (first: sample "
+            f"{offset + int(rows[0])}); nothing was written. Sample with the run's own sampler (the default), other "
+            f"settings (e.g. an ODE grid starting below t = 1: t_max=0.999) or a smaller cfg_scale")
+
+
+def describe_sampler(name: str, options: dict, nfe: int, cfg_scale: Optional[float] = None) -> str:
+    """``sampler 'euler' (nfe=4, t_max=1.0)``: a sampler and its settings, for messages."""
+    settings = {"nfe": nfe, **options, **({"cfg_scale": cfg_scale} if cfg_scale is not None else {})}
+    return f"sampler {name!r} ({', '.join(f'{key}={value!r}' for key, value in settings.items())})"
 
 
 def initial_noise(seed: int, indices: range, shape: Sequence[int], device: torch.device) -> Tensor:
@@ -83,24 +107,31 @@ def resolve_sampler(settings: SamplingConfig, method_sampler: tuple[str, dict] =
 
 @torch.no_grad()
 def generate_samples(model: nn.Module, transport: Transport, settings: SamplingConfig, shape: Sequence[int],
-                     num_classes: int, device: torch.device, method_sampler: tuple[str, dict] = ("ucgm", {})
-                     ) -> Samples:
-    """Draw ``settings.num`` samples in batches of ``settings.batch_size`` with :func:`resolve_sampler`'s sampler.
+                     num_classes: int, device: torch.device, method_sampler: tuple[str, dict] = ("ucgm", {}),
+                     on_batch: Optional[Callable[[int], None]] = None) -> Samples:
+    """Draw ``settings.num`` samples in batches of ``settings.batch_size`` with :func:`resolve_sampler`'s sampler;
+    ``on_batch(count)`` is called after each batch of ``count`` samples (progress).
 
     Classifier-free guidance wraps the model when ``settings.cfg_scale`` is set and the model is conditional.
     """
     indices = range(settings.num)
     all_labels = sample_labels(settings.num, num_classes, settings.labels)
     network: Callable = model
-    if settings.cfg_scale is not None and num_classes:
+    guided = settings.cfg_scale is not None and bool(num_classes)
+    if guided:
         network = ClassifierFreeGuidance(model, settings.cfg_scale, settings.cfg_interval)
-    sampler = get_sampler(*resolve_sampler(settings, method_sampler))
+    name, options = resolve_sampler(settings, method_sampler)
+    sampler = get_sampler(name, options)
+    description = describe_sampler(name, options, settings.nfe, settings.cfg_scale if guided else None)
     outputs, nfe = [], 0
     for start in range(indices.start, indices.stop, settings.batch_size):
         batch = range(start, min(start + settings.batch_size, indices.stop))
         noise = initial_noise(settings.seed, batch, shape, device)
         labels = None if all_labels is None else all_labels[batch.start:batch.stop].to(device)
         result = sampler(network, transport, noise, labels, settings.nfe, fresh_noise_source(settings.seed, batch))
+        check_finite_samples(result.sample, description, batch.start)
         outputs.append(result.sample.float().cpu())
         nfe = result.nfe
+        if on_batch is not None:
+            on_batch(len(batch))
     return Samples(torch.cat(outputs), all_labels, nfe)

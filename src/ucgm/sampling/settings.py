@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..validation import is_int, is_number, require, require_choice, require_int, require_numbers
-from .registry import SAMPLER_NAMES
+from .registry import MAX_NFE, SAMPLER_NAMES
 
 
 @dataclass
@@ -30,7 +30,8 @@ class SamplingConfig:
 
     def validate(self, prefix: str = "sampling") -> None:
         require_choice(f"{prefix}.sampler", self.sampler, (None,) + SAMPLER_NAMES)
-        require_int(f"{prefix}.nfe", self.nfe, 1)
+        require(is_int(self.nfe) and 1 <= self.nfe <= MAX_NFE, f"{prefix}.nfe", self.nfe,
+                 f"must be an integer from 1 to {MAX_NFE}")
         require(self.stochasticity in ("sde", "auto") or (is_number(self.stochasticity)
                                                          and 0 <= self.stochasticity <= 1),
                  f"{prefix}.stochasticity", self.stochasticity, "must lie in [0, 1] or be 'sde' or 'auto'")

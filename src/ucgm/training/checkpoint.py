@@ -8,7 +8,10 @@
   ``torch.load(weights_only=True)``.
 
 A checkpoint is written into a temporary directory that is renamed into place once complete, so a crash
-leaves either the previous checkpoints or the new one, never a half-written one.
+leaves either the previous checkpoints or the new one, never a half-written one; a write that fails (full disk,
+permissions) removes its temporary directory and raises :class:`CheckpointError` saying the previous checkpoint is
+intact. Both files are streamed through :func:`ucgm.atomic.open_for_writing` (a full disk is ``ENOSPC``, every
+file gets :data:`ucgm.atomic.FILE_MODE`).
 """
 
 from __future__ import annotations
@@ -17,16 +20,16 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..atomic import atomic_write_text, fsync_directory
+from ..atomic import atomic_write_text, fsync_directory, open_for_writing
 
 CHECKPOINT_FORMAT = "ucgm-checkpoint"
 FORMAT_VERSION = "2"
@@ -56,6 +59,8 @@ class CheckpointInfo:
     data_shape: Optional[list]
     num_classes: Optional[int]
     groups: list
+    #: How the run that wrote it ran: ``world_size`` and intra-op ``threads`` (empty for older checkpoints).
+    run: dict = field(default_factory=dict)
 
 
 def weight_group_names(role: str, sampling_role: str) -> tuple[str, str]:
@@ -114,23 +119,45 @@ def find_checkpoint(path: Path | str) -> Path:
 
 # ------------------------------------------------------------------------------------------- write
 def _flatten_weights(groups: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
-    """``{"model": {"w": t}}`` -> ``{"model.w": t}`` on the CPU, contiguous, without shared storage."""
-    flat, seen = {}, set()
+    """``{"model": {"w": t}}`` -> ``{"model.w": t}`` on the CPU, contiguous."""
+    flat = {}
     for group, tensors in groups.items():
         if "." in group:
             raise ValueError(f"weight group names cannot contain '.', got {group!r}")
         for name, tensor in tensors.items():
-            tensor = tensor.detach().to("cpu").contiguous()
-            if tensor.data_ptr() in seen and tensor.numel():
-                tensor = tensor.clone()
-            seen.add(tensor.data_ptr())
-            flat[f"{group}.{name}"] = tensor
+            flat[f"{group}.{name}"] = tensor.detach().to("cpu").contiguous()
     return flat
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Write a ``.safetensors`` file one tensor at a time (no second copy of the weights in memory).
+
+    The layout of the format: an 8-byte little-endian header length ``n``, ``n`` bytes of JSON header
+    ``{NAME: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`` padded with spaces
+    to a multiple of 8, then the tensors' bytes (little-endian, row-major) back to back in header order.
+    """
+    names = sorted(tensors)
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in names:
+        tensor = tensors[name]
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}; allowed: {list(_SAFETENSORS_DTYPES)}")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with open_for_writing(path) as sink:
+        sink.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name in names:
+            sink.write(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _remove_directory(directory: Path) -> None:
@@ -148,11 +175,19 @@ def write_checkpoint(run_dir: Path, step: int, weights: dict[str, dict[str, Tens
     the same step is kept as it is (a deterministic run writes the same state at the same step).
     """
     root = checkpoints_directory(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_directory_name(step)
-    if not any(found == final for _, found in complete_checkpoints(run_dir)):
-        _write_directory(final, step, weights, metadata, state)
-    atomic_write_text(root / LATEST_FILE, final.name + "\n")
+    previous = complete_checkpoints(run_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not any(found == final for _, found in previous):
+            _write_directory(final, step, weights, metadata, state)
+        atomic_write_text(root / LATEST_FILE, final.name + "\n")
+    except OSError as error:
+        kept = f"the last complete checkpoint, {previous[-1][1].name}, is intact" if previous else \
+            "no earlier checkpoint exists"
+        raise CheckpointError(f"cannot write checkpoint {final.name} in {str(root)!r}: {error.strerror or error} "
+                              f"({error.filename or root}); {kept}. Free some space or fix the permissions, then "
+                              f"re-run the same command to resume") from error
     if keep_last is not None:
         for _, old in complete_checkpoints(run_dir)[:-keep_last]:
             _remove_directory(old)
@@ -169,15 +204,28 @@ def _write_directory(final: Path, step: int, weights: dict[str, dict[str, Tensor
     temporary.mkdir()
     header = {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "step": str(step)}
     header.update({key: json.dumps(value) for key, value in metadata.items()})
-    save_file(_flatten_weights(weights), str(temporary / WEIGHTS_FILE), metadata=header)
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, temporary / STATE_FILE)
-    for name in (WEIGHTS_FILE, STATE_FILE):
-        _fsync_file(temporary / name)
-    fsync_directory(temporary)
+    try:
+        write_safetensors(temporary / WEIGHTS_FILE, _flatten_weights(weights), header)
+        with open_for_writing(temporary / STATE_FILE) as sink:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, sink)
+        fsync_directory(temporary)
+    except Exception:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     if final.exists():  # an unfinished directory of that name (e.g. copied by hand): it holds nothing usable
         _remove_directory(final)
     os.rename(temporary, final)
     fsync_directory(root)
+
+
+def unfinished_writes(run_dir: Path) -> list[str]:
+    """The step directories (``step_XXXXXXX``) whose writing an interrupted process left unfinished."""
+    root = checkpoints_directory(run_dir)
+    if not root.is_dir():
+        return []
+    names = [entry.name[len(_TEMPORARY_PREFIX):].rsplit("-", 1)[0] for entry in root.iterdir()
+             if entry.is_dir() and entry.name.startswith(_TEMPORARY_PREFIX)]
+    return sorted(set(names))
 
 
 def remove_unfinished(run_dir: Path) -> None:
@@ -187,6 +235,25 @@ def remove_unfinished(run_dir: Path) -> None:
         for entry in root.iterdir():
             if entry.is_dir() and entry.name.startswith((_TEMPORARY_PREFIX, _TRASH_PREFIX)):
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def check_weights_fit(weights: dict[str, Tensor], module: nn.Module, source: str) -> None:
+    """Raise :class:`CheckpointError` unless ``weights`` has exactly the names and shapes of ``module``'s state
+    (``source`` names the weights in the message)."""
+    expected = {name: tuple(value.shape) for name, value in module.state_dict().items()}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    resized = [(name, tuple(weights[name].shape), shape) for name, shape in expected.items()
+               if name in weights and tuple(weights[name].shape) != shape]
+    if not (missing or unexpected or resized):
+        return
+    details = [f"{name!r} has shape {list(saved)} there but {list(shape)} in the model the config builds"
+               for name, saved, shape in resized[:3]]
+    details += [f"missing {missing[:3]}"] if missing else []
+    details += [f"unexpected {unexpected[:3]}"] if unexpected else []
+    raise CheckpointError(f"{source} do not fit the model: {'; '.join(details)}. They were written by a run with "
+                          f"other model settings; resume with that run's model section (see its config.yaml) or "
+                          f"choose a new --run-dir")
 
 
 # -------------------------------------------------------------------------------------------- read
@@ -224,6 +291,7 @@ def read_checkpoint_info(checkpoint: Path | str) -> CheckpointInfo:
         data_shape=_json_field(metadata, "data_shape", path),
         num_classes=_json_field(metadata, "num_classes", path),
         groups=sorted({key.split(".", 1)[0] for key in keys}),
+        run=_json_field(metadata, "run", path) or {},
     )
 
 

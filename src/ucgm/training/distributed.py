@@ -1,17 +1,24 @@
 """Process groups for ``torchrun`` launches: DDP (gloo on CPU, NCCL on CUDA) or FSDP, with fail-fast teardown.
 
 Outside ``torchrun`` everything degrades to a single process. Inside, every collective has the configured
-timeout, and a rank that raises tears its process group down before re-raising, so the job ends with an error
-(the ``torchrun`` agent then stops the other ranks) instead of hanging.
+timeout (``training.dist_timeout``, 600 s by default rather than torch's 30 minutes), and a rank that raises tears
+its process group down before re-raising, so the job ends with an error (the ``torchrun`` agent then stops the
+other ranks) instead of hanging. When a rank dies, the survivors' collectives fail (or the agent stops them with
+SIGTERM); they end with :class:`JobStopped` naming the ranks whose processes are gone (ranks on the same host are
+checked by process id, gathered when the job starts).
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -42,6 +49,8 @@ class DistributedContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: ``(host, process id)`` of every rank.
+    peers: list = field(default_factory=list)
 
     @property
     def is_main(self) -> bool:
@@ -94,7 +103,41 @@ def init_distributed(device_setting: str = "auto", timeout_seconds: float = 600.
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_seconds))
-    return DistributedContext(rank, world_size, local_rank, device)
+    peers: list = [None] * world_size
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    return DistributedContext(rank, world_size, local_rank, device, peers)
+
+
+class JobStopped(RuntimeError):
+    """This rank of a ``torchrun`` job stops because another rank died or the launcher ended the job."""
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether process ``pid`` of this host has exited (a zombie awaiting its parent counts as exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+    return state in ("Z", "X")
+
+
+def dead_ranks(context: DistributedContext) -> list[str]:
+    """``"rank R (pid P on HOST)"`` for every other rank on this host whose process is gone."""
+    host = socket.gethostname()
+    return [f"rank {rank} (pid {pid} on {peer_host})" for rank, (peer_host, pid) in enumerate(context.peers)
+            if rank != context.rank and peer_host == host and _process_gone(pid)]
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise JobStopped("stopped by SIGTERM (the launcher ends the job)")
 
 
 def shutdown_distributed() -> None:
@@ -108,14 +151,27 @@ def shutdown_distributed() -> None:
 
 @contextmanager
 def distributed_session(device_setting: str = "auto", timeout_seconds: float = 600.0) -> Iterator[DistributedContext]:
-    """Join the job for the duration of the block; on an error, report the rank, tear the group down and re-raise."""
+    """Join the job for the duration of the block; on an error, report the rank, tear the group down and re-raise
+    (as :class:`JobStopped` naming the dead ranks when other ranks of this host have died)."""
     context = init_distributed(device_setting, timeout_seconds)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm) if context.is_distributed and in_main_thread \
+        else None
     try:
         yield context
     except BaseException as error:
-        if context.is_distributed:
-            print(f"ucgm: rank {context.rank}/{context.world_size} failed with {type(error).__name__}: {error}; "
-                  f"ending the job", file=sys.stderr, flush=True)
+        if not context.is_distributed:
+            raise
+        gone = dead_ranks(context)
         shutdown_distributed()
+        if gone or isinstance(error, JobStopped):
+            cause = f"{', '.join(gone)} died" if gone else "another rank failed"
+            raise JobStopped(f"{cause}; rank {context.rank}/{context.world_size} ends the job ({error}). The last "
+                             f"complete checkpoint is intact: re-run the same command to resume") from error
+        print(f"ucgm: rank {context.rank}/{context.world_size} failed with {type(error).__name__}: {error}; "
+              f"ending the job", file=sys.stderr, flush=True)
         raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     shutdown_distributed()

@@ -28,7 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..methods.base import Method, Networks, Phase
 from .batches import BatchSource, ShardPlan, dataset_batches
-from .checkpoint import CheckpointError, read_state, read_weights, weight_group_names, write_checkpoint
+from .checkpoint import (CheckpointError, check_weights_fit, read_state, read_weights, weight_group_names,
+                         write_checkpoint)
 from .distributed import DistributedContext, resolve_device
 from .networks import NetworkSetup, TrainedNetwork, build_networks
 from .optim import gradient_norm, set_lr, warmup_lr
@@ -302,10 +303,11 @@ class Trainer:
             if not network.owns_state:
                 continue
             name, ema_name = weight_group_names(role, self.method.sampling_role)
-            set_model_state_dict(network.module, read_weights(checkpoint, name), options=_LOAD_FULL_STATE)
-            if network.ema is not None:
-                set_model_state_dict(network.ema.module, read_weights(checkpoint, ema_name),
-                                     options=_LOAD_FULL_STATE)
+            for group, module in ((name, network.module), (ema_name, network.ema.module if network.ema else None)):
+                if module is not None:
+                    weights = read_weights(checkpoint, group)
+                    check_weights_fit(weights, module, f"{str(checkpoint)!r}: the {group!r} weights")
+                    set_model_state_dict(module, weights, options=_LOAD_FULL_STATE)
             if network.trainable:
                 if role not in state["optimizers"]:
                     raise CheckpointError(f"{str(checkpoint)!r} holds no optimizer state for network {role!r}")

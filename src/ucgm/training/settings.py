@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
-from ..validation import is_number, require, require_choice, require_int, require_numbers
+from ..validation import is_int, is_number, require, require_choice, require_int, require_numbers
 
 OPTIMIZERS = ("adamw", "radam")
 EMA_KINDS = ("constant", "power", "none")
@@ -65,8 +65,9 @@ class EMAConfig:
 
 @dataclass
 class TrainingConfig:
-    """Duration (``steps`` or ``kimg``), batch, EMA, precision, seed, parallelism, the logging cadence, and how
-    many consecutive updates with non-finite gradients (skipped) end a run (``max_nonfinite_steps``); datasets
+    """Duration (``steps`` or ``kimg``), batch, EMA, precision, seed, parallelism, the logging cadence, how
+    many consecutive updates with non-finite gradients (skipped) end a run (``max_nonfinite_steps``), and the
+    intra-op threads per process (``threads``: ``auto`` or a number, :mod:`ucgm.training.threads`); datasets
     that decode every batch from files are read by ``data_workers`` loader processes (0: in the training process),
     each ``data_prefetch`` shards ahead (:func:`ucgm.training.batches.dataset_batches`)."""
 
@@ -85,6 +86,7 @@ class TrainingConfig:
     dist_timeout: float = 600.0
     max_nonfinite_steps: int = 20
     device: str = "auto"
+    threads: Any = "auto"
     data_workers: int = 2
     data_prefetch: int = 2
 
@@ -114,6 +116,8 @@ class TrainingConfig:
                  f"{prefix}.device", self.device, "allowed values: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
         require_int(f"{prefix}.data_workers", self.data_workers, 0)
         require_int(f"{prefix}.data_prefetch", self.data_prefetch, 1)
+        require(self.threads == "auto" or (is_int(self.threads) and self.threads >= 1), f"{prefix}.threads",
+                 self.threads, "must be 'auto' or an integer >= 1")
 
     def total_steps(self) -> int:
         """The run length in optimisation steps (``kimg`` thousand images rounded up to whole batches)."""

@@ -20,6 +20,9 @@ The network takes a second input, an estimate ``x_tilde`` of the data (model con
   predictions. ``None`` clips nothing (continuous data).
 
 The estimate is the data prediction whatever the transport's parameterisation (pix2seq's ``self_cond='x'``).
+Only calls through the method's transport of networks that accept the condition are conditioned: a method that
+calls its backbone directly (the consistency family's boundary-condition parameterisation) trains and samples as
+without the wrapper.
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ class SelfConditionedSampling(TransportView):
 
     def network_output(self, model: Callable, x_t: Tensor, t: Tensor, labels: Optional[Tensor] = None,
                        **conditions: Optional[Tensor]) -> Tensor:
+        if not accepts_condition(model, CONDITION):
+            return self.base.network_output(model, x_t, t, labels, **conditions)
         t = self.per_sample_time(t, x_t)
         noisiest = float(t.max())
         if self.estimate is None or self.estimate.shape != x_t.shape or noisiest >= self.start_time:

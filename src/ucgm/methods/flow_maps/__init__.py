@@ -4,13 +4,21 @@ CAF, DDDM). ``FLOW_MAP_METHODS`` lists them by name for :mod:`ucgm.methods.regis
 from __future__ import annotations
 
 from ..base import Method
+from .ayf import AlignYourFlow
 from .caf import ConstantAccelerationFlowMethod
+from .ctm import ConsistencyTrajectoryModel
 from .dddm import DirectlyDenoisingMethod
 from .imm import InductiveMomentMatching
+from .meanflow import MeanFlow
+from .shortcut import ShortcutModel
 
 #: Method name -> class.
 FLOW_MAP_METHODS: dict[str, type[Method]] = {
+    "ayf": AlignYourFlow,
     "caf": ConstantAccelerationFlowMethod,
+    "ctm": ConsistencyTrajectoryModel,
     "dddm": DirectlyDenoisingMethod,
     "imm": InductiveMomentMatching,
+    "meanflow": MeanFlow,
+    "shortcut": ShortcutModel,
 }

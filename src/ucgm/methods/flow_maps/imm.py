@@ -111,7 +111,7 @@ def imm_weight(transport: Transport, t: Tensor, bias: float, power: float) -> Te
 class InductiveMomentMatching(Method):
     """IMM (see the module docstring). ``group_size`` = M; ``t_max`` / ``t_min`` = T / eps;
     ``decrement_exponent`` = k; ``weighting_bias`` / ``weighting_power`` = b / a (``weighting=False``: weight 1);
-    ``kernel_epsilon`` the distance floor; ``restart`` selects the restart sampler; ``label_dropout`` drops labels
+    ``kernel_epsilon`` the distance floor; ``kernel_scale`` multiplies ``w`` (official 1); ``restart`` selects the restart sampler; ``label_dropout`` drops labels
     to the null label."""
 
     family = "flow_maps"
@@ -130,6 +130,7 @@ class InductiveMomentMatching(Method):
         weighting_bias: float = 5.0,
         weighting_power: float = 2.0,
         kernel_epsilon: float = 1e-8,
+        kernel_scale: float = 1.0,
         restart: bool = False,
         label_dropout: float = 0.0,
         null_label: Optional[int] = None,
@@ -144,6 +145,7 @@ class InductiveMomentMatching(Method):
         check_positive_int("decrement_exponent", decrement_exponent, minimum=0)
         check_range("weighting_power", weighting_power, 0.0, 10.0)
         check_range("kernel_epsilon", kernel_epsilon, 0.0, 1.0)
+        check_range("kernel_scale", kernel_scale, 1e-6, 1e6)
         check_range("label_dropout", label_dropout, 0.0, 1.0)
         self.f_type = f_type
         self.transport = imm_transport(transport, f_type)
@@ -152,7 +154,8 @@ class InductiveMomentMatching(Method):
         self.decrement_exponent = decrement_exponent
         self.weighting, self.weighting_bias, self.weighting_power = weighting, float(weighting_bias), \
             float(weighting_power)
-        self.kernel_epsilon, self.restart = float(kernel_epsilon), bool(restart)
+        self.kernel_epsilon, self.kernel_scale, self.restart = float(kernel_epsilon), float(kernel_scale), \
+            bool(restart)
         self.label_dropout, self.null_label = float(label_dropout), null_label
 
     def networks(self) -> dict[str, NetworkSpec]:
@@ -176,9 +179,9 @@ class InductiveMomentMatching(Method):
         return t, torch.maximum(r, s), s
 
     def kernel_weight(self, t: Tensor, s: Tensor) -> Tensor:
-        """``w = 1 / |c_out(s, t)|`` with ``c_out = -(t - s) B(t, s)`` (float64)."""
+        """``w = kernel_scale / |c_out(s, t)|`` with ``c_out = -(t - s) B(t, s)`` (float64; official scale 1)."""
         _, b = jump_coefficients(self.transport, t, s)
-        return 1.0 / ((t - s) * b).abs()
+        return self.kernel_scale / ((t - s) * b).abs()
 
     def loss(self, phase: str, networks: Networks, batch: Batch) -> ObjectiveOutput:
         data, generator = batch.data, batch.generator
