@@ -255,7 +255,7 @@ def test_edit_reads_an_image_input_as_image_data_are_read(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "digit.png")
     out = tmp_path / "edited.npz"
     assert main(["edit", str(run_dir), "--task", "inpaint", "--region", "right", "--input", str(tmp_path / "digit.png"),
-                 "--out", str(out), "--steps", "2", "--device", "cpu"]) == 0
+                 "--out", str(out), "--nfe", "2", "--device", "cpu"]) == 0
     edited = np.load(out)["samples"]  # written in the digits' raw units, 0..16
     raw_max = float(load_digits_split("heldout")[0].max())
     np.testing.assert_allclose(edited[0, 0, :, :4], pixels[:, :4] / 255.0 * raw_max, rtol=0, atol=1e-4)
