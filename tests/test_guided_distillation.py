@@ -277,7 +277,7 @@ def test_sigkill_then_rerun_resumes_the_curriculum_exactly(tmp_path):
 # ------------------------------------------------------------------------------------------------ bench rows
 def test_bench_rows_at_toy_size(tmp_path):
     from ucgm.bench.distribution_matching import DIGITS_OVERRIDES, BenchContext, DistributionMatchingSizes
-    from ucgm.bench.guided_distillation import guided_distillation_records
+    from ucgm.bench.guided_distillation import METHOD, claim_lines, guided_distillation_records
     from ucgm.metrics.digits_fd import digits_frechet_distance
     from ucgm.metrics.suites import SlicedW2Against
 
@@ -302,3 +302,16 @@ def test_bench_rows_at_toy_size(tmp_path):
     teacher = {row["metric"]: row["value"] for row in rows if row["method"] == "cfg_teacher" and row["nfe"] == 64}
     # the exact guided teacher at 64 steps: every mode, and its distance to another draw of itself is small
     assert teacher["mode_coverage"] == 1.0 and teacher["sliced_w2_to_teacher"] < 0.25 * teacher["sliced_w2"]
+    lines = claim_lines(rows)
+    student = next(row["value"] for row in rows if (row["dataset"], row["method"], row["sampler"], row["nfe"],
+                                                    row["metric"]) == ("digits", METHOD, "ddim", 4, "digits_fd"))
+    assert len(lines) == 2 and f"4 steps {student:.4g}" in lines[1]
+    assert claim_lines([row for row in rows if row["dataset"] == "digits"]) == lines[1:]
+
+
+def test_the_rows_join_the_distribution_matching_section():
+    from ucgm.bench import SECTIONS, distribution_matching, report_distribution_matching  # noqa: F401 (registers)
+    from ucgm.bench.guided_distillation import guided_distillation_records
+
+    assert SECTIONS["distribution_matching"].in_quick
+    assert guided_distillation_records in distribution_matching.EXTRA_RECORDS

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from . import register_section
 from .distribution_matching import EXTRA_RECORDS, FULL, QUICK, run_distribution_matching
-from .guided_distillation import guided_distillation_records
+from .guided_distillation import claim_lines, guided_distillation_records
 from .throughput import single_thread
 
 METRIC_TEXT = {"sliced_w2": "sliced W2", "mode_coverage": "modes covered", "digits_fd": "digits FD"}
@@ -66,7 +66,8 @@ def markdown(report: dict) -> str:
              f"{floors['digits']['mean']:.4g}. {details['mode_coverage']}.", "",
              *_table(report["distribution_matching"]), "",
              f"Step cost / flow-matching step (interleaved, flow matching "
-             f"{details['flow_matching_step_seconds'] * 1e3:.1f} ms): {cost}.", "", *_target_lines(details)]
+             f"{details['flow_matching_step_seconds'] * 1e3:.1f} ms): {cost}.", "", *_target_lines(details),
+             *claim_lines(report["distribution_matching"])]
     if sizes["gmm_steps"] < 1000:
         lines.append("Quick size: the models are far from converged; the table checks the pipeline, not the methods.")
     return "\n".join(lines)
