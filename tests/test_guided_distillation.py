@@ -305,7 +305,7 @@ def test_bench_rows_at_toy_size(tmp_path):
     lines = claim_lines(rows)
     student = next(row["value"] for row in rows if (row["dataset"], row["method"], row["sampler"], row["nfe"],
                                                     row["metric"]) == ("digits", METHOD, "ddim", 4, "digits_fd"))
-    assert len(lines) == 2 and f"4 steps {student:.4g}" in lines[1]
+    assert len(lines) == 2 and f"NFE 4 {student:.4g}" in lines[1]
     assert claim_lines([row for row in rows if row["dataset"] == "digits"]) == lines[1:]
 
 

@@ -202,9 +202,12 @@ def digits_records(teacher: Path, sizes: DistributionMatchingSizes, metric: Call
     return rows
 
 
-def find(records: list[dict], dataset: str, method: str, nfe: int, metric: str) -> Optional[float]:
+def find(records: list[dict], dataset: str, method: str, nfe: int, metric: str, sampler: Optional[str] = None
+         ) -> Optional[float]:
+    """The value of the first record of ``(dataset, method, nfe, metric)`` (and ``sampler`` if given), or None."""
     for row in records:
-        if (row["dataset"], row["method"], row["nfe"], row["metric"]) == (dataset, method, nfe, metric):
+        if (row["dataset"], row["method"], row["nfe"], row["metric"]) == (dataset, method, nfe, metric) and \
+                sampler in (None, row["sampler"]):
             return row["value"]
     return None
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 from torch import Tensor
 
@@ -52,7 +52,7 @@ from ..sampling.registry import get_sampler
 from ..sampling.seeded import sample_labels
 from ..training.loading import method_from_config
 from ..transports import make_transport
-from .distribution_matching import CONDITIONAL, BenchContext, draw, record, train
+from .distribution_matching import CONDITIONAL, BenchContext, draw, find, record, train
 
 METHOD = "guided_distillation"
 STAGE1 = "guided_distillation_stage1"
@@ -149,26 +149,17 @@ def guided_distillation_records(context: BenchContext) -> list[dict]:
     return gmm_records(context) + digits_records(context)
 
 
-def _value(records: list[dict], dataset: str, method: str, nfe: int, metric: str) -> Optional[float]:
-    """The ``ddim`` record of ``(dataset, method, nfe, metric)``, or None."""
-    for row in records:
-        if (row["dataset"], row["method"], row["sampler"], row["nfe"], row["metric"]) == (
-                dataset, method, "ddim", nfe, metric):
-            return row["value"]
-    return None
-
-
 def claim_lines(records: list[dict]) -> list[str]:
     """Meng et al.'s claim as the section's markdown states it: the 1-, 2- and 4-step students against the CFG
     teacher at :data:`TEACHER_NFE` steps, same ``w`` (ratio = student / teacher, sliced W2 to the data and digits
     FD); no lines without the rows."""
     lines = []
     for dataset, metric in ((GMM_DATASET, "sliced_w2"), ("digits", "digits_fd")):
-        teacher = _value(records, dataset, TEACHER, TEACHER_NFE, metric)
-        students = {nfe: _value(records, dataset, METHOD, nfe, metric) for nfe in STUDENT_NFES}
+        teacher = find(records, dataset, TEACHER, TEACHER_NFE, metric, "ddim")
+        students = {nfe: find(records, dataset, METHOD, nfe, metric, "ddim") for nfe in STUDENT_NFES}
         if teacher is None or None in students.values():
             continue
-        cells = ", ".join(f"{nfe} steps {value:.4g} ({value / teacher:.2f}x)" for nfe, value in students.items())
+        cells = ", ".join(f"NFE {nfe} {value:.4g} ({value / teacher:.2f}x)" for nfe, value in students.items())
         lines.append(f"- guided distillation vs the CFG teacher at {TEACHER_NFE} steps, w = {GUIDANCE:g} "
-                     f"({dataset} {metric}): teacher {teacher:.4g}; {cells}.")
+                     f"({dataset} {metric}): teacher {teacher:.4g}; student {cells}.")
     return lines
