@@ -45,6 +45,7 @@ def _register_builtin_sections() -> None:
     from . import report_cascade  # noqa: F401  (registers "cascade")
     from . import report_search  # noqa: F401  (registers "search")
     from . import report_distribution_matching  # noqa: F401  (registers "distribution_matching")
+    from . import report_flow_maps  # noqa: F401  (registers "flow_maps")
     from . import report_reliability  # noqa: F401  (registers "reliability", not in --quick)
 
 

@@ -76,6 +76,9 @@ GMM_ENTRIES: tuple[FlowMapEntry, ...] = (
     FlowMapEntry("shortcut"),
     FlowMapEntry("meanflow"),
     FlowMapEntry("ayf"),
+    FlowMapEntry("imm"),
+    FlowMapEntry("caf"),
+    FlowMapEntry("dddm"),
 )
 #: Digits rows (at least meanflow, shortcut and one more).
 DIGITS_ENTRIES: tuple[FlowMapEntry, ...] = (

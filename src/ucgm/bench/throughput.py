@@ -70,7 +70,8 @@ def training_setup(config: dict, num_batches: int = NUM_BATCHES) -> TrainingSetu
     dataset = build_dataset(config)
     config = with_data_defaults(config, dataset.shape, dataset.num_classes)
     seed_global_rngs(derive_seed(training.seed, INIT_STREAM), torch.device("cpu"))
-    model = build_model(config)
+    method = build_method(config)
+    model = build_model(config, method.networks()[method.sampling_role])  # with the conditions it declares
     generator = torch.Generator().manual_seed(derive_seed(training.seed, DATA_STREAM))
     batches = [dataset.sample_batch(training.batch_size, generator) for _ in range(num_batches)]
     return TrainingSetup(config, model, batches)
