@@ -149,8 +149,20 @@ def test_evaluate_out_naming_an_existing_file(run_copy, tmp_path, capsys):
     out = tmp_path / "metrics.json"
     out.write_text("[]")
     assert main(["evaluate", str(run_copy), "--out", str(out), "--nfe", "2", "--num", "8"]) == 2
-    assert "--out" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"ucgm evaluate: error: --out '{out}' is an existing file; --out names a "
+                                       "directory (metrics.json, metrics.md and nfe_quality.png are written into it, "
+                                       "created when missing)\n")
     assert out.read_text() == "[]"
+
+
+def test_a_missing_weight_file_is_named_before_anything_is_written(run_copy, tmp_path, capsys):
+    out = tmp_path / "evaluation"
+    assert main(["evaluate", str(run_copy), "--out", str(out), "--fid", "--inception-weights",
+                 str(tmp_path / "nowhere.pt"), "--nfe", "2", "--num", "8", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("ucgm evaluate: error: the FID Inception network file") and error.count("\n") == 1
+    assert "nowhere.pt' (from the argument) is not an existing file" in error
+    assert not out.exists()
 
 
 def test_weights_of_another_model_size_on_resume(run_copy, capsys):
