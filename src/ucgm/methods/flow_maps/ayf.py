@@ -136,8 +136,9 @@ class AlignYourFlow(FlowMapMethod):
     def _eulerian(self, model, x_t: Tensor, t: Tensor, s: Tensor, labels: Optional[Tensor], velocity: Tensor
                   ) -> ObjectiveOutput:
         plain = unwrap(model)
-        derivative = self.tangent(lambda point, time: self.flow_map.average_velocity(plain, point, time, s, labels),
-                                  (x_t, t), (velocity, torch.ones_like(t)))
+        derivative = self.tangent(
+            lambda network, point, time: self.flow_map.average_velocity(network, point, time, s, labels), plain,
+            (x_t, t), (velocity, torch.ones_like(t)))
         average = self.flow_map.average_velocity(model, x_t, t, s, labels)
         frozen = average.detach()
         tangent = frozen - velocity + self.warmup_ratio * broadcast_time(t - s, x_t) * derivative
@@ -148,8 +149,8 @@ class AlignYourFlow(FlowMapMethod):
 
     def _lagrangian(self, model, x_t: Tensor, t: Tensor, s: Tensor, labels: Optional[Tensor]) -> ObjectiveOutput:
         plain = unwrap(model)
-        derivative = self.tangent(lambda time: self.flow_map.jump(plain, x_t, t, time, labels), (s,),
-                                  (torch.ones_like(s),))
+        derivative = self.tangent(lambda network, time: self.flow_map.jump(network, x_t, t, time, labels), plain,
+                                  (s,), (torch.ones_like(s),))
         mapped = self.flow_map.jump(model, x_t, t, s, labels)
         frozen = mapped.detach()
         residual = derivative - self.teacher_velocity(frozen, s, labels)

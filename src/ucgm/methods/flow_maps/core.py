@@ -62,7 +62,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ...transports import Transport, broadcast_time
+from ...transports import LinearPath, Transport, broadcast_time
 from ...validation import check_choice, check_range
 
 #: How a flow-map network receives its second time (module docstring).
@@ -95,10 +95,19 @@ def jump_coefficients(transport: Transport, t: Tensor, s: Tensor) -> tuple[Tenso
     return (d_alpha * gamma_hat - d_gamma * alpha_hat) / determinant, (d_gamma * alpha - d_alpha * gamma) / determinant
 
 
+def output_is_average_velocity(transport: Transport) -> bool:
+    """Whether ``A = 0`` and ``B = 1`` at all times, i.e. ``u = F``: the linear path read with the ``velocity`` (or
+    ``noise_minus_data``, the same target ``z - x``) parameterisation, MeanFlow's and AYF's own units. The
+    functions below then return the output itself, so a derivative of ``u`` is one of the network alone."""
+    return isinstance(transport.path, LinearPath) and transport.parameterisation in ("velocity", "noise_minus_data")
+
+
 def average_velocity(transport: Transport, output: Tensor, x_t: Tensor, t: Tensor | float, s: Tensor | float
                      ) -> Tensor:
     """``u = A x_t + B F``: the average velocity over ``[s, t]`` that a raw network output ``F`` at ``(x_t, t)``
     means (``(x_t - x_s) / (t - s)``; the ODE velocity at ``s = t``)."""
+    if output_is_average_velocity(transport):
+        return output
     a, b = jump_coefficients(transport, _per_sample(t, x_t), _per_sample(s, x_t))
     return broadcast_time(a.to(x_t.dtype), x_t) * x_t + broadcast_time(b.to(x_t.dtype), x_t) * output
 
@@ -106,6 +115,8 @@ def average_velocity(transport: Transport, output: Tensor, x_t: Tensor, t: Tenso
 def output_from_average_velocity(transport: Transport, velocity: Tensor, x_t: Tensor, t: Tensor | float,
                                  s: Tensor | float) -> Tensor:
     """The inverse of :func:`average_velocity`: ``F = (u - A x_t) / B``."""
+    if output_is_average_velocity(transport):
+        return velocity
     a, b = jump_coefficients(transport, _per_sample(t, x_t), _per_sample(s, x_t))
     return (velocity - broadcast_time(a.to(x_t.dtype), x_t) * x_t) / broadcast_time(b.to(x_t.dtype), x_t)
 

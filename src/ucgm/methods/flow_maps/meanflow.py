@@ -144,10 +144,11 @@ class MeanFlow(FlowMapMethod):
         row_labels = None if labels is None else labels[rows]
         target_times = r[rows]
 
-        def velocity_at(point: Tensor, time: Tensor) -> Tensor:
-            return self.flow_map.average_velocity(model, point, time, target_times, row_labels)
+        def velocity_at(network, point: Tensor, time: Tensor) -> Tensor:
+            return self.flow_map.average_velocity(network, point, time, target_times, row_labels)
 
-        derivative[rows] = self.tangent(velocity_at, (x_t[rows], t[rows]), (tangent[rows], torch.ones_like(t[rows])))
+        derivative[rows] = self.tangent(velocity_at, model, (x_t[rows], t[rows]),
+                                        (tangent[rows], torch.ones_like(t[rows])))
         return derivative
 
     # -------------------------------------------------------------------------------------------- loss
