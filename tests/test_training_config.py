@@ -70,7 +70,7 @@ def test_unknown_key_names_the_closest_valid_key(override, suggestion):
     ("training.ema={kind: power, std: 0.5}", "training.ema.std"),
     ("training.kimg=5", "training.steps"),
     ("training.grad_accumulation=3", "training.batch_size"),
-    ("sampling.sampler=ddim", "sampling.sampler"),
+    ("sampling.sampler=no-such-sampler", "sampling.sampler"),
     ("transport.name=curved", "transport.name"),
 ])
 def test_bad_values_are_errors_naming_the_key(override, key):
