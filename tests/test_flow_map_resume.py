@@ -1,7 +1,7 @@
-"""IMM, CAF and DDDM resume exactly: a run stopped after a checkpoint and started again logs the losses of the
-uninterrupted run (the method state — CAF's teacher couplings, DDDM's estimate buffer with its staged writes —
-restored, not regenerated); in process by default, and ``ucgm train gmm objective=NAME --steps 30`` killed with
-SIGKILL (slow)."""
+"""The flow-map methods resume exactly: a run stopped after a checkpoint and started again logs the losses of the
+uninterrupted run (the method state — CAF's teacher couplings, DDDM's estimate buffer with its staged writes,
+MeanFlow's and AYF's tangent decision, the EMA target networks of CTM and Shortcut — restored, not regenerated); in
+process by default, and ``ucgm train gmm objective=NAME --steps 30`` killed with SIGKILL (slow)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ OVERRIDES = {
     "imm": [],
     "caf": ["objective.num_couplings=1024", "objective.teacher_steps=16"],
     "dddm": ["data.num_samples=512"],
+    "ctm": ["objective.num_scales=10", "objective.max_teacher_steps=4"],
+    "shortcut": [],
+    "meanflow": [],
+    "ayf": ["objective.tangent_warmup_steps=4"],
 }
 
 
