@@ -127,3 +127,20 @@ def test_a_fake_score_from_a_teacher_checkpoint_holds_its_weights_and_a_fresh_he
     for name, value in teacher.state_dict().items():
         assert torch.equal(fake.state_dict()[name], value), name
     assert all(parameter.requires_grad for parameter in fake.parameters())
+
+
+def test_msd_students_all_start_from_the_initial_checkpoint(tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    conditional = ("data.conditional=true",)
+    run_training(tiny_gmm_config("objective=flow_matching", "training.steps=3", *conditional), teacher_dir,
+                 progress=False)
+    config = tiny_gmm_config("objective=msd", "objective.num_students=4", *conditional,
+                             f"objective.teacher=checkpoint:{teacher_dir}", f"init.checkpoint={teacher_dir}")
+    method = build_method(config)
+    primary = load_checkpoint_model(teacher_dir).networks["model"]
+    networks = build_run_networks(config, method, primary, True)
+    teacher = load_checkpoint_model(teacher_dir).networks["model"].state_dict()
+    for role in ("student_1", "student_2", "student_3"):
+        student = networks[role].module.state_dict()
+        assert all(torch.equal(student[name], value) for name, value in teacher.items()), role
+        assert networks[role].module is not primary  # a copy, trained on its own labels
