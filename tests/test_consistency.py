@@ -715,7 +715,7 @@ def test_cd_teacher_from_a_checkpoint_is_a_frozen_network_the_trainer_loads(tmp_
 
     config = with_data_defaults(resolve_config("gmm", ["model.hidden=16", "model.depth=1"], accepted_keys), (2,), 8)
     teacher = build_model(config)
-    metadata = {"config": config, "normalisation": None, "data_shape": [2], "num_classes": 8}
+    metadata = {"config": config.values, "normalisation": None, "data_shape": [2], "num_classes": 8}
     write_checkpoint(tmp_path / "teacher", 1, {"model": teacher.state_dict()}, metadata, state={})
     data, labels = MIXTURE.sample(16, generator=torch.Generator().manual_seed(0))
     student = small_mlp(num_classes=8)

@@ -160,7 +160,7 @@ def digits_checkpoint(tmp_path):
     config["objective"] = {"name": "ct"}
     config = with_data_defaults(config, (1, 8, 8), 10)
     model = build_model(config)
-    metadata = {"config": config, "normalisation": DIGITS_NORMALISATION.to_dict(), "data_shape": [1, 8, 8],
+    metadata = {"config": config.values, "normalisation": DIGITS_NORMALISATION.to_dict(), "data_shape": [1, 8, 8],
                 "num_classes": 10}
     write_checkpoint(tmp_path / "run", 1, {"model": model.state_dict()}, metadata, state={})
     return tmp_path / "run"

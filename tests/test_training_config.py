@@ -16,7 +16,7 @@ from ucgm.cli.config import (
     save_config,
 )
 from ucgm.cli.train import resume_changes
-from ucgm.cli.schema import typed_section
+from ucgm.cli.schema import RunConfig, typed_section
 from ucgm.validation import ConfigError
 
 
@@ -118,3 +118,25 @@ def test_complete_config_fills_defaults():
     config = complete_config({"data": {"name": "mixture"}, "model": {"name": "mlp"}, "objective": {"name": "ucgm"},
                               "training": {"steps": 2}})
     assert config["optimizer"]["name"] == "adamw" and config["training"]["ema"]["kind"] == "constant"
+
+
+def test_a_run_parses_its_config_once_at_the_entry(tmp_path, monkeypatch):
+    """``ucgm train`` parses the resolved config into typed sections once; nothing below re-types it."""
+    import ucgm.cli.config as config_module
+    from ucgm.cli.config import resolve_run_config
+    from ucgm.cli.train import run_training
+    from ucgm.training.settings import TrainingConfig
+    from training_fixtures import TINY_GMM
+
+    run = resolve_run_config("gmm", TINY_GMM + ["training.steps=2", "training.checkpoint_every=2"], accepted_keys)
+    assert isinstance(run, RunConfig) and isinstance(run.training, TrainingConfig) and run.training.steps == 2
+    assert run.section("model")["name"] == "mlp"
+    with pytest.raises(KeyError, match="closed section"):
+        run.section("training")
+    parses = []
+    original = config_module.parse_run_config
+    monkeypatch.setattr(config_module, "parse_run_config", lambda config: parses.append(1) or original(config))
+    run_training(run, tmp_path / "run", progress=False)
+    assert parses == []
+    run_training(run.values, tmp_path / "from-dict", progress=False)
+    assert parses == [1]

@@ -381,7 +381,6 @@ def test_network_specs_are_checked():
 def test_method_owned_networks_are_trained_and_resumed_exactly(tmp_path):
     """sCM's adaptive weighting head: a network the method builds, optimised with the model, checkpointed."""
     from ucgm.cli.components import build_dataset, build_method, build_model, build_run_networks, with_data_defaults
-    from ucgm.cli.schema import typed_section
 
     config = tiny_gmm_config("transport.name=trigflow", "objective=scm", "objective.tangent_method=finite_difference",
                              "objective.tangent_warmup_steps=2", "objective.adaptive_weighting=true")
@@ -392,7 +391,7 @@ def test_method_owned_networks_are_trained_and_resumed_exactly(tmp_path):
         torch.manual_seed(0)
         method = build_method(config)
         networks = build_run_networks(config, method, build_model(config), False)
-        return Trainer(method, networks, dataset, typed_section(config, "training"))
+        return Trainer(method, networks, dataset, config.training)
 
     uninterrupted = make_trainer()
     head = uninterrupted.networks["weighting"].module

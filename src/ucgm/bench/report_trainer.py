@@ -58,7 +58,7 @@ def measure_preset(preset: str, sizes: BlockSizes) -> dict:
     default_config = resolve_config(preset, ["training.device=cpu"], accepted_keys)
     setup = training_setup(default_config)
     config = like_for_like(setup.config)
-    lr = config["optimizer"]["lr"]
+    lr = config.optimizer.lr
     minimal_model = copy.deepcopy(setup.model)
     minimal_objective = build_method(config)
     steps = sizes.block_steps
@@ -84,7 +84,7 @@ def measure_preset(preset: str, sizes: BlockSizes) -> dict:
                     throughputs[name].append(steps / value)
     medians = {name: statistics.median(values) for name, values in throughputs.items()}
     paired = [trainer / minimal for trainer, minimal in zip(throughputs["trainer"], throughputs["minimal"])]
-    training = setup.config["training"]
+    training = setup.config.values["training"]
     return {
         "ratio": medians["trainer"] / medians["minimal"],
         "paired_ratio_median": statistics.median(paired),
@@ -92,10 +92,10 @@ def measure_preset(preset: str, sizes: BlockSizes) -> dict:
         "overhead_microseconds_per_step": 1e6 * (1 / medians["trainer"] - 1 / medians["minimal"]),
         "default_features_vs_minimal": medians["default_features"] / medians["minimal"],
         "dataset_batches_vs_minimal": medians["dataset_batches"] / medians["minimal"],
-        "default_features": {"ema": training["ema"], "warmup_steps": setup.config["optimizer"]["warmup_steps"],
-                             "grad_clip": setup.config["optimizer"]["grad_clip"]},
-        "model": setup.config["model"], "batch_size": training["batch_size"],
-        "objective": setup.config["objective"]["name"], "block_steps": steps, "rounds": sizes.rounds,
+        "default_features": {"ema": training["ema"], "warmup_steps": setup.config.optimizer.warmup_steps,
+                             "grad_clip": setup.config.optimizer.grad_clip},
+        "model": setup.config.section("model"), "batch_size": training["batch_size"],
+        "objective": setup.config.section("objective")["name"], "block_steps": steps, "rounds": sizes.rounds,
         "threads": 1,
     }
 

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from ..training.batches import CycledBatches
 from ..cli.components import build_dataset, build_method, build_model, build_run_networks, with_data_defaults
-from ..cli.config import apply_overrides, validate_config
+from ..cli.config import apply_overrides, as_run_config, parse_run_config
 from ..training.loop import Trainer
-from ..cli.schema import typed_section
+from ..cli.schema import RunConfig
 from ..seeding import DATA_STREAM, INIT_STREAM, derive_seed, seed_global_rngs
 
 #: Overrides that reduce the trainer to what a minimal loop does (``training.device`` pinned to the CPU), with
@@ -50,23 +50,24 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def like_for_like(config: dict) -> dict:
-    """``config`` (resolved) without EMA, clipping and warm-up, on the CPU."""
-    return validate_config(apply_overrides(config, LIKE_FOR_LIKE))
+def like_for_like(config: RunConfig | dict) -> RunConfig:
+    """``config`` (parsed or resolved) without EMA, clipping and warm-up, on the CPU."""
+    return parse_run_config(apply_overrides(as_run_config(config).values, LIKE_FOR_LIKE))
 
 
 class TrainingSetup(NamedTuple):
     """What a timed loop needs: the config with data-derived model options, initial weights and fixed batches."""
 
-    config: dict
+    config: RunConfig
     model: nn.Module
     batches: list[Batch]
 
 
-def training_setup(config: dict, num_batches: int = NUM_BATCHES) -> TrainingSetup:
+def training_setup(config: RunConfig | dict, num_batches: int = NUM_BATCHES) -> TrainingSetup:
     """The model of ``config`` initialised as a run would initialise it, and ``num_batches`` batches of
     ``training.batch_size`` drawn from its dataset (seeded by the run seed)."""
-    training = typed_section(config, "training")
+    config = as_run_config(config)
+    training = config.training
     dataset = build_dataset(config)
     config = with_data_defaults(config, dataset.shape, dataset.num_classes)
     seed_global_rngs(derive_seed(training.seed, INIT_STREAM), torch.device("cpu"))
@@ -77,13 +78,14 @@ def training_setup(config: dict, num_batches: int = NUM_BATCHES) -> TrainingSetu
     return TrainingSetup(config, model, batches)
 
 
-def make_trainer(config: dict, model: nn.Module, batches: Optional[list[Batch]] = None) -> Trainer:
+def make_trainer(config: RunConfig | dict, model: nn.Module, batches: Optional[list[Batch]] = None) -> Trainer:
     """A trainer of ``config`` on a copy of ``model``: fed the ready-made ``batches`` in turn, or, without them,
     drawing every step's batch from the config's dataset as a run does."""
+    config = as_run_config(config)
     source = CycledBatches(batches) if batches is not None else build_dataset(config)
     method = build_method(config)
-    networks = build_run_networks(config, method, copy.deepcopy(model), bool(config["init"]["checkpoint"]))
-    return Trainer(method, networks, source, typed_section(config, "training"))
+    networks = build_run_networks(config, method, copy.deepcopy(model), bool(config.init.checkpoint))
+    return Trainer(method, networks, source, config.training)
 
 
 def trainer_block(trainer: Trainer, steps: int) -> Callable[[], None]:

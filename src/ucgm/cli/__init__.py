@@ -85,10 +85,10 @@ def _train(argv: Sequence[str]) -> int:
     _training_flags(parser)
     args = parser.parse_intermixed_args(argv)
     from .components import accepted_keys
-    from .config import resolve_config
+    from .config import resolve_run_config
     from .train import run_training
 
-    config = resolve_config(args.config, _flag_overrides(args), accepted_keys)
+    config = resolve_run_config(args.config, _flag_overrides(args), accepted_keys)
     run_dir = run_training(config, args.run_dir, progress=args.progress, allow_changes=args.allow_changes)
     _report(f"ucgm: run finished in {run_dir}")
     return 0

@@ -9,6 +9,7 @@ turns builder errors into :class:`~ucgm.validation.ConfigError` naming the secti
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
 from typing import Callable, Optional, TypeVar
@@ -20,7 +21,8 @@ from ..training.loading import load_checkpoint_model, method_from_config, transp
 from ..training.networks import NetworkSetup, build_networks, role_model_config
 from ..transports import Transport
 from ..validation import ConfigError
-from .schema import typed_section
+from .config import as_run_config
+from .schema import RunConfig
 
 T = TypeVar("T")
 
@@ -65,11 +67,12 @@ def accepted_keys(section: str, name: str) -> Optional[list[str]]:
     return None
 
 
-def build_dataset(config: dict):
+def build_dataset(config: RunConfig | dict):
     """The run's dataset (``data`` section)."""
     from ..data import build_dataset as build
 
-    return in_section("data", lambda: build(copy.deepcopy(config["data"])))
+    data = as_run_config(config).section("data")
+    return in_section("data", lambda: build(copy.deepcopy(data)))
 
 
 def data_defaults(model_name: str, shape: tuple, num_classes: int) -> dict:
@@ -86,33 +89,40 @@ def data_defaults(model_name: str, shape: tuple, num_classes: int) -> dict:
     return {key: value for key, value in derived.items() if key in accepted}
 
 
-def with_data_defaults(config: dict, shape: tuple, num_classes: int) -> dict:
-    """A copy of ``config`` whose ``model`` section also holds the data-derived options it did not set, so that
-    the saved config alone rebuilds the model."""
-    config = copy.deepcopy(config)
-    for key, value in data_defaults(config["model"]["name"], tuple(shape), num_classes).items():
-        config["model"].setdefault(key, value)
-    return config
+def with_data_defaults(config: RunConfig | dict, shape: tuple, num_classes: int) -> RunConfig:
+    """``config`` whose ``model`` section also holds the data-derived options it did not set, so that the saved
+    config alone rebuilds the model."""
+    run = as_run_config(config)
+    values = copy.deepcopy(run.values)
+    for key, value in data_defaults(values["model"]["name"], tuple(shape), num_classes).items():
+        values["model"].setdefault(key, value)
+    return dataclasses.replace(run, values=values)
 
 
-def build_transport(config: dict) -> Transport:
+def build_transport(config: RunConfig | dict) -> Transport:
     """The run's transport (``transport`` section)."""
-    settings = typed_section(config, "transport")
+    settings = as_run_config(config).transport
     return in_section("transport", lambda: transport_from_settings(vars(settings)))
 
 
-def build_method(config: dict) -> Method:
+def build_method(config: RunConfig | dict) -> Method:
     """The run's method (``objective`` section) on the run's transport."""
-    build_transport(config)
-    return in_section("objective", lambda: method_from_config(config))
+    run = as_run_config(config)
+    build_transport(run)
+    return in_section("objective", lambda: method_from_config(run.values))
 
 
-def build_model(config: dict, spec: Optional[NetworkSpec] = None) -> nn.Module:
+def build_model(config: RunConfig | dict, spec: Optional[NetworkSpec] = None) -> nn.Module:
     """A backbone of the run (``model`` section, data-derived options filled in), with the options and
     conditions of network ``spec``."""
+    return _backbone(as_run_config(config).section("model"), spec or NetworkSpec())
+
+
+def _backbone(model: dict, spec: NetworkSpec) -> nn.Module:
+    """The backbone of model section ``model`` with the options and conditions of network ``spec``."""
     from ..models import build_model as build
 
-    return in_section("model", lambda: build(role_model_config(config["model"], spec or NetworkSpec())))
+    return in_section("model", lambda: build(role_model_config(model, spec)))
 
 
 def _checkpoint_network(role: str, spec: NetworkSpec, path: str) -> nn.Module:
@@ -135,20 +145,21 @@ def _checkpoint_network(role: str, spec: NetworkSpec, path: str) -> nn.Module:
 
 def _with_model_options(role: str, backbone: nn.Module, checkpoint_config: dict, spec: NetworkSpec) -> nn.Module:
     """The checkpoint's backbone rebuilt with ``spec.model`` over its model section, holding all of its weights."""
-    module = build_model(checkpoint_config, NetworkSpec(model=spec.model))
+    module = _backbone(checkpoint_config["model"], NetworkSpec(model=spec.model))
     unexpected = module.load_state_dict(backbone.state_dict(), strict=False).unexpected_keys
     if unexpected:
         raise ConfigError(f"network {role!r}: the options {spec.model} drop checkpoint weights {unexpected[:3]}")
     return module.to(dtype=next(backbone.parameters()).dtype)
 
 
-def build_run_networks(config: dict, method: Method, primary: nn.Module, pretrained: bool
+def build_run_networks(config: RunConfig | dict, method: Method, primary: nn.Module, pretrained: bool
                        ) -> dict[str, NetworkSetup]:
     """Every network of ``method`` for the run: ``primary`` (the sampling network, already initialised),
     fresh backbones, copies, oracles and checkpoint networks, with the run's optimizer and EMA settings and the
     ``networks`` section's per-role overrides."""
+    run = as_run_config(config)
     return in_section("networks", lambda: build_networks(
-        method, primary, typed_section(config, "optimizer"), typed_section(config, "training").ema,
-        primary_pretrained=pretrained, build_backbone=lambda role, spec: build_model(config, spec),
+        method, primary, run.optimizer, run.training.ema,
+        primary_pretrained=pretrained, build_backbone=lambda role, spec: build_model(run, spec),
         load_checkpoint=_checkpoint_network,
-        overrides=config.get("networks") or {}))
+        overrides=run.section("networks")))

@@ -1,7 +1,8 @@
 """Run configs: presets and YAML files, merging, ``key=value`` overrides and validation.
 
-A resolved config is a plain nested dict (what ``DIR/config.yaml`` and checkpoint metadata hold); the typed
-views of its closed sections come from :func:`ucgm.cli.schema.typed_section`.
+A resolved config is a plain nested dict (what ``DIR/config.yaml`` and checkpoint metadata hold). A command
+parses it once, at its entry, into a :class:`~ucgm.cli.schema.RunConfig` (:func:`parse_run_config`: validated,
+closed sections typed) and hands that down.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .schema import (
     FREE_SECTIONS,
     NAMED_SECTIONS,
     SECTIONS,
+    RunConfig,
     default_config,
     section_keys,
     typed_section,
@@ -124,21 +126,32 @@ def complete_config(raw: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ validate
-def validate_config(config: dict) -> dict:
-    """Check a complete config; returns it unchanged or raises :class:`ConfigError` naming the bad key."""
+def parse_run_config(config: dict) -> RunConfig:
+    """Check a complete config and type its closed sections; raises :class:`ConfigError` naming the bad key."""
     _check_known_keys(config)
     for name in NAMED_SECTIONS:
         component = config.get(name, {}).get("name")
         if not isinstance(component, str) or not component:
             raise ConfigError(f"{name}.name={component!r} is invalid: every config must name its {name} "
                               f"(e.g. `{name}=NAME` on the command line)")
+    sections = {}
     for name in CLOSED_SECTIONS:
         try:
-            section = typed_section(config, name)
+            sections[name] = typed_section(config, name)
         except TypeError as error:
             raise ConfigError(f"config section {name!r} is malformed: {error}") from error
-        section.validate()
-    return config
+        sections[name].validate()
+    return RunConfig(values=config, **sections)
+
+
+def validate_config(config: dict) -> dict:
+    """Check a complete config; returns it unchanged or raises :class:`ConfigError` naming the bad key."""
+    return parse_run_config(config).values
+
+
+def as_run_config(config: RunConfig | dict) -> RunConfig:
+    """``config`` itself when parsed already, else the parsed resolved dict ``config``."""
+    return config if isinstance(config, RunConfig) else parse_run_config(complete_config(config))
 
 
 # ----------------------------------------------------------------------------------------- overrides
@@ -230,12 +243,18 @@ def apply_overrides(config: dict, overrides: Sequence[str], accepted_keys: Accep
 
 
 # ------------------------------------------------------------------------------------------ resolve
-def resolve_config(source: str | dict, overrides: Sequence[str] = (),
-                   accepted_keys: AcceptedKeys = _no_accepted_keys) -> dict:
-    """Load a preset name / YAML path (or take a mapping), fill defaults, apply overrides and validate."""
+def resolve_run_config(source: str | dict, overrides: Sequence[str] = (),
+                       accepted_keys: AcceptedKeys = _no_accepted_keys) -> RunConfig:
+    """Load a preset name / YAML path (or take a mapping), fill defaults, apply overrides and parse."""
     raw = load_config_source(source) if isinstance(source, str) else source
     config = apply_overrides(complete_config(raw), overrides, accepted_keys)
-    return validate_config(complete_config(config))
+    return parse_run_config(complete_config(config))
+
+
+def resolve_config(source: str | dict, overrides: Sequence[str] = (),
+                   accepted_keys: AcceptedKeys = _no_accepted_keys) -> dict:
+    """The plain dict of :func:`resolve_run_config` (what ``DIR/config.yaml`` holds)."""
+    return resolve_run_config(source, overrides, accepted_keys).values
 
 
 def save_config(config: dict, path: Path) -> None:

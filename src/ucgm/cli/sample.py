@@ -18,11 +18,11 @@ from .progress import Progress
 from ..training.checkpoint import CheckpointError, CheckpointInfo, read_checkpoint_info
 from ..training.loading import LoadedCheckpoint
 from ..training.loading import load_checkpoint_model as load_sampling_model
-from .config import apply_overrides, complete_config, validate_config
+from .config import apply_overrides, complete_config, parse_run_config
+from .schema import RunConfig
 from ..training.distributed import resolve_device
 from ..sampling.seeded import Samples, generate_samples, resolve_sampler
 from ..sampling.settings import SamplingConfig
-from .schema import typed_section
 
 
 def load_checkpoint_model(checkpoint: Path | str, weights: str = "ema", device: torch.device | str = "cpu",
@@ -30,8 +30,12 @@ def load_checkpoint_model(checkpoint: Path | str, weights: str = "ema", device: 
     """The sampling model of ``checkpoint`` (run dir, checkpoint dir or ``model.safetensors``) with its ``weights``
     (``ema`` falls back to ``model`` for networks without an EMA), its config adjusted by ``overrides``."""
     info = read_checkpoint_info(checkpoint)
-    config = validate_config(complete_config(apply_overrides(complete_config(info.config), overrides)))
-    return load_sampling_model(info.path, weights, device, config)
+    return load_sampling_model(info.path, weights, device, checkpoint_run_config(info, overrides).values)
+
+
+def checkpoint_run_config(info: CheckpointInfo, overrides: Sequence[str] = ()) -> RunConfig:
+    """The config stored in checkpoint ``info``, adjusted by ``overrides``, parsed."""
+    return parse_run_config(complete_config(apply_overrides(complete_config(info.config), overrides)))
 
 
 def _denormaliser(info: CheckpointInfo):
@@ -67,9 +71,10 @@ def run_sampling(checkpoint: Path | str, outputs: Sequence[Path], overrides: Seq
             raise ValueError(f"--out {str(path)!r} is a directory; --out names a file "
                              f"({', '.join(OUTPUT_SUFFIXES)})")
     device = resolve_device(device)
-    loaded = load_checkpoint_model(checkpoint, weights, device, overrides)
-    settings = typed_section(loaded.config, "sampling")
-    info = loaded.info
+    info = read_checkpoint_info(checkpoint)
+    config = checkpoint_run_config(info, overrides)
+    loaded = load_sampling_model(info.path, weights, device, config.values)
+    settings = config.sampling
     if info.data_shape is None:
         raise CheckpointError(f"{str(info.path)!r} does not record the data shape; cannot draw noise")
     bar = Progress("ucgm sample", settings.num, "sample", mode=progress)

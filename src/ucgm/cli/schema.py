@@ -89,8 +89,29 @@ def section_keys(name: str) -> list[str]:
 
 
 def typed_section(config: dict, name: str):
-    """The dataclass view of closed section ``name`` of a (validated) config."""
+    """The dataclass view of closed section ``name`` of a complete config (not yet validated)."""
     values = dict(config[name])
     if name == "training":
         values["ema"] = EMAConfig(**values["ema"])
     return CLOSED_SECTIONS[name](**values)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run config parsed and validated once, at the entry (:func:`ucgm.cli.config.parse_run_config`), and
+    handed down: the closed sections typed, beside ``values``, the plain nested dict that ``DIR/config.yaml``
+    and checkpoint metadata hold (the open sections ``data``, ``model``, ``objective``, ``networks`` are read
+    from it by the builders of those components)."""
+
+    values: dict
+    transport: TransportConfig
+    optimizer: OptimizerConfig
+    training: TrainingConfig
+    sampling: SamplingConfig
+    init: InitConfig
+
+    def section(self, name: str) -> dict:
+        """Open section ``name`` of the config (empty when unset)."""
+        if name in CLOSED_SECTIONS:
+            raise KeyError(f"{name!r} is a closed section; read RunConfig.{name}")
+        return self.values.get(name) or {}

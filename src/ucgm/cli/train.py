@@ -39,14 +39,14 @@ from .components import (
     build_run_networks,
     with_data_defaults,
 )
-from .config import config_differences, save_config
+from .config import as_run_config, config_differences, save_config
 from ..training.distributed import DistributedContext, distributed_session
 from ..sampling.seeded import NonFiniteSamples, generate_samples
 from ..training.loop import Hook, Trainer
 from ..training.threads import choose_threads, intra_op_threads
 from .run_log import STATS_FILE, TENSORBOARD_DIRECTORY, RunLog, read_stats, truncate_stats, truncate_tensorboard
 from ..validation import ConfigError
-from .schema import typed_section
+from .schema import InitConfig, RunConfig
 from ..models.conditions import CONDITIONS_PREFIX
 from ..seeding import INIT_STREAM, derive_seed, seed_global_rngs
 
@@ -141,15 +141,15 @@ def clean_run_directory(run_dir: Path, step: int, latest: Optional[Path]) -> lis
     return messages
 
 
-def load_initial_weights(model: nn.Module, init: dict) -> int:
+def load_initial_weights(model: nn.Module, init: InitConfig) -> int:
     """Load ``init.weights`` (``ema`` or ``model``) of checkpoint ``init.checkpoint`` into ``model``; returns
     the source step. The model may have condition layers the source lacks (they start at zero)."""
-    info = read_checkpoint_info(init["checkpoint"])
-    group = init["weights"] if init["weights"] in info.groups else "model"
+    info = read_checkpoint_info(init.checkpoint)
+    group = init.weights if init.weights in info.groups else "model"
     missing, unexpected = model.load_state_dict(read_weights(info.path, group), strict=False)
     missing = [name for name in missing if not name.startswith(CONDITIONS_PREFIX)]
     if missing or unexpected:
-        raise ConfigError(f"init.checkpoint {init['checkpoint']!r} does not fit the model (missing: "
+        raise ConfigError(f"init.checkpoint {init.checkpoint!r} does not fit the model (missing: "
                           f"{missing[:5]}, unexpected: {unexpected[:5]}); the model section must match the source")
     return info.step
 
@@ -157,9 +157,9 @@ def load_initial_weights(model: nn.Module, init: dict) -> int:
 class RunHooks:
     """The hooks of a run: progress bar, stats records, checkpoints and sample grids."""
 
-    def __init__(self, trainer: Trainer, config: dict, run_dir: Path, metadata: dict, log: RunLog):
+    def __init__(self, trainer: Trainer, config: RunConfig, run_dir: Path, metadata: dict, log: RunLog):
         self.trainer, self.config, self.run_dir, self.metadata, self.log = trainer, config, run_dir, metadata, log
-        self.training = typed_section(config, "training")
+        self.training = config.training
         self._clock = time.perf_counter()
         self._clock_step = trainer.step
 
@@ -192,7 +192,7 @@ class RunHooks:
             return
         from .artifacts import write_png
 
-        settings = typed_section(self.config, "sampling")
+        settings = self.config.sampling
         grid = dataclasses.replace(settings, num=min(settings.num, 64))
         network, transport = trainer.method.sampling_model(trainer.sampling_modules())
         try:
@@ -206,21 +206,21 @@ class RunHooks:
                       self.run_dir / "samples" / f"{step_directory_name(trainer.step)}.png")
 
 
-def _build_trainer(config: dict, dataset, latest: Optional[Path], context: DistributedContext
+def _build_trainer(config: RunConfig, dataset, latest: Optional[Path], context: DistributedContext
                    ) -> tuple[Trainer, list[str]]:
     """The trainer of a run, resumed from ``latest`` or started (from ``init.checkpoint`` when set); also the
     messages to show."""
-    training = typed_section(config, "training")
+    training = config.training
     seed_global_rngs(derive_seed(training.seed, INIT_STREAM), context.device)
     method = build_method(config)
     model = build_model(config, method.networks()[method.sampling_role])
     messages = []
     if training.precision == "bf16" and context.device.type != "cuda":
         messages.append(f"training.precision=bf16 applies on CUDA only; training in fp32 on {context.device}")
-    pretrained = bool(config["init"]["checkpoint"])
+    pretrained = bool(config.init.checkpoint)
     if latest is None and pretrained:
-        source_step = load_initial_weights(model, config["init"])
-        messages.append(f"initialised from {config['init']['checkpoint']} ({config['init']['weights']} weights, "
+        source_step = load_initial_weights(model, config.init)
+        messages.append(f"initialised from {config.init.checkpoint} ({config.init.weights} weights, "
                         f"step {source_step})")
     networks = build_run_networks(config, method, model, pretrained)
     trainer = Trainer(method, networks, dataset, training, context)
@@ -242,14 +242,15 @@ def _fit(trainer: Trainer, total: int, hooks: list[Hook], dataset) -> None:
                           f"{tuple(dataset.shape)} and {dataset.num_classes or 'no'} classes)") from error
 
 
-def _train(config: dict, run_dir: Path, context: DistributedContext, progress: Optional[bool],
+def _train(config: RunConfig, run_dir: Path, context: DistributedContext, progress: Optional[bool],
            allow_changes: bool) -> Path:
-    training = typed_section(config, "training")
+    training = config.training
     check_run_directory(run_dir)
     dataset = build_dataset(config)
     config = with_data_defaults(config, dataset.shape, dataset.num_classes)
     latest = latest_checkpoint(run_dir)
-    messages = [] if latest is None else check_resumable(run_dir, latest, config, context.world_size, allow_changes)
+    messages = [] if latest is None else check_resumable(run_dir, latest, config.values, context.world_size,
+                                                         allow_changes)
     resumed_threads = read_checkpoint_info(latest).run.get("threads") if latest is not None else None
     threads = choose_threads(training.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), resumed_threads)
     messages.append(f"{threads.threads} intra-op thread(s) per process ({threads.reason}; training.threads sets it)")
@@ -258,9 +259,9 @@ def _train(config: dict, run_dir: Path, context: DistributedContext, progress: O
         if context.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             messages = clean_run_directory(run_dir, trainer.step, latest) + messages + build_messages
-            save_config(config, run_dir / CONFIG_FILE)
+            save_config(config.values, run_dir / CONFIG_FILE)
         context.barrier()
-        metadata = {"config": config, "normalisation": dataset.normalisation, "data_shape": list(dataset.shape),
+        metadata = {"config": config.values, "normalisation": dataset.normalisation, "data_shape": list(dataset.shape),
                     "num_classes": dataset.num_classes,
                     "run": {"world_size": context.world_size, "threads": threads.threads}}
         total = training.total_steps()
@@ -276,15 +277,17 @@ def _train(config: dict, run_dir: Path, context: DistributedContext, progress: O
     return run_dir
 
 
-def run_training(config: dict, run_dir: Path | str, progress: Optional[bool] = None,
+def run_training(config: RunConfig | dict, run_dir: Path | str, progress: Optional[bool] = None,
                  allow_changes: bool = False) -> Path:
-    """Train (or resume) the resolved ``config`` in ``run_dir``; joins the ``torchrun`` job when launched by it.
+    """Train (or resume) ``config`` (parsed, or a resolved dict parsed here, once) in ``run_dir``; joins the
+    ``torchrun`` job when launched by it.
 
     ``progress``: ``None`` shows a progress bar on a terminal and plain progress lines otherwise, ``True`` forces
     the bar, ``False`` shows neither. ``allow_changes`` resumes even when the config or the number of processes
     differs from the run's.
     """
     run_dir = Path(run_dir)
-    training = typed_section(config, "training")
+    config = as_run_config(config)
+    training = config.training
     with distributed_session(training.device, training.dist_timeout) as context:
         return _train(config, run_dir, context, progress, allow_changes)
