@@ -64,8 +64,8 @@ def evaluation_set(oracle: OracleModel, seed: int, size: int = 1000) -> Evaluati
 # ------------------------------------------------------------------------------------------------ sweeps
 def expected_nfe(name: str, budget: int) -> int:
     two_call = 2 * ((budget + 1) // 2) - 1
-    return {"ucgm": budget, "ucgm-o2": two_call, "euler": budget, "heun": two_call, "dpm++2m": budget,
-            "edm": two_call}[name]
+    return {"ucgm": budget, "ucgm-o2": budget, "ucgm-official": budget, "ucgm-o2-official": two_call,
+            "euler": budget, "heun": two_call, "dpm++2m": budget, "edm": two_call}[name]
 
 
 def test_sweep_records_and_exact_nfe(oracle):
@@ -80,7 +80,7 @@ def test_sweep_records_and_exact_nfe(oracle):
 
 
 def test_ucgm_order_two_without_end_gap_spends_even_budgets(oracle):
-    sampler = get_sampler("ucgm-o2", {"gaps": (0.001, 0.0)})
+    sampler = get_sampler("ucgm-o2-official", {"gaps": (0.001, 0.0)})
     assert [sampler(oracle, oracle.transport, make_noise(16, 0), None, n, None).nfe for n in (2, 4, 5)] == [2, 4, 4]
     with pytest.raises(ValueError, match="below 2"):
         sampler(oracle, oracle.transport, make_noise(16, 0), None, 1, None)
@@ -127,7 +127,7 @@ def test_flow_matching_ode_solver_matches_euler_and_counts_calls(oracle):
 
 def test_unknown_sampler_setting_and_budget_are_rejected(oracle):
     allowed = ", ".join(SAMPLER_NAMES + FLOW_MATCHING_SAMPLER_NAMES)
-    assert {"ucgm", "euler", "ddim"} <= set(SAMPLER_NAMES)
+    assert {"ucgm", "ucgm-official", "euler", "ddim"} <= set(SAMPLER_NAMES)
     with pytest.raises(ValueError, match=f"unknown sampler 'no-such-sampler'; allowed: {re.escape(allowed)} "):
         get_sampler("no-such-sampler")
     with pytest.raises(ValueError, match="allowed: \\['t_max', 'times', 'skip_blocks'\\]"):
@@ -205,7 +205,7 @@ def test_time_grid_search_beats_uniform_grid_on_held_out_samples(oracle):
 
 def test_kumaraswamy_search_beats_default_warp_on_held_out_samples(oracle):
     search, heldout = evaluation_set(oracle, 0), evaluation_set(oracle, 1)
-    result = search_kumaraswamy(oracle, oracle.transport, 4, search, heldout, SMALL_SEARCH)
+    result = search_kumaraswamy(oracle, oracle.transport, 4, search, heldout, SMALL_SEARCH, sampler="ucgm-official")
     print(f"\nUCGM-S NFE 4 searched {result['best']}: held-out sliced W2 {result['heldout_value']:.4f} vs default "
           f"{result['default_heldout_value']:.4f} (gain {result['gain']:.4f})")
     assert set(result["best"]) == {"time_warp", "extrapolation"} and len(result["times"]) == 5

@@ -15,11 +15,12 @@ from ucgm.bench.quality import FEW_VS_MULTI_TARGET, QUALITY_NFES, QualitySizes, 
 from ucgm.bench.report_quality import markdown as quality_markdown
 from ucgm.cli import main as cli_main
 from ucgm.cli.evaluate import main
-from ucgm.analysis.reports import find_value, markdown_tables, parse_nfe_list, parse_sampler_specs
+from ucgm.analysis.reports import find_value, jsonable_settings, markdown_tables, parse_nfe_list, parse_sampler_specs
 from ucgm.metrics import sliced_wasserstein
 from ucgm.metrics.fid import INCEPTION_WEIGHTS_ENV
 from ucgm.metrics.suites import SlicedW2Against, build_metric_suite
 from ucgm.cli.train import run_training
+from ucgm.sampling.registry import SAMPLER_NAMES, UCGM_DEFAULTS
 
 RECORD_KEYS = {"dataset", "model", "sampler", "nfe", "metric", "value"}
 
@@ -82,9 +83,10 @@ def test_sampler_settings_syntax_and_run_settings(gmm_run, tmp_path):
     assert _evaluate(gmm_run, tmp_path, "--nfe", "4", "--sampler", f"{spec},euler", "--weights", "model") == 0
     records = json.loads((tmp_path / "metrics.json").read_text())
     ucgm = next(record for record in records if record["sampler"] == spec)
-    # the run's sampling section (gaps, stochasticity) is the base; the spec's settings override it
-    assert ucgm["settings"] == {"stochasticity": 0.0, "extrapolation": 0.3, "time_warp": [1.2, 1, 1],
-                                "gaps": [0.001, 0.001]}
+    # the run's sampling section (stochasticity) is the base, the spec's settings override it, the sampler's
+    # defaults fill the rest
+    assert ucgm["settings"] == {**jsonable_settings(UCGM_DEFAULTS), "stochasticity": 0.0, "extrapolation": 0.3,
+                                "time_warp": [1.2, 1, 1]}
     assert ucgm["weights"] == "model"
     assert next(record for record in records if record["sampler"] == "euler")["settings"] == {}
 
@@ -93,7 +95,7 @@ def test_cli_dispatch_and_clear_errors(gmm_run, tmp_path, capsys, monkeypatch):
     assert cli_main(["evaluate", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     cases = {
-        ("--sampler", "ucgm,eulr"): "unknown sampler 'eulr'; allowed: ucgm, ucgm-o2, euler",
+        ("--sampler", "ucgm,eulr"): f"unknown sampler 'eulr'; allowed: {', '.join(SAMPLER_NAMES)}",
         ("--sampler", "ucgm:kappa=0.3"): "unknown settings ['kappa'] for sampler 'ucgm'",
         ("--sampler", "ucgm:extrapolation"): "is not KEY=VALUE",
         ("--sampler", "ucgm:stochasticity=2"): "stochasticity=2 is outside the allowed range",

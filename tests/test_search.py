@@ -125,9 +125,9 @@ def test_searched_steps_never_score_worse_than_uniform_on_the_search_set(gmm):
 def test_explicit_grids_reproduce_the_samplers_own_grids(gmm):
     oracle, _ = gmm
     noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
-    own = get_sampler("ucgm")(oracle, oracle.transport, noise, None, 5, None).sample
+    own = get_sampler("ucgm-official")(oracle, oracle.transport, noise, None, 5, None).sample
     times = kumaraswamy_grid(5, gaps=(0.001, 0.001)).tolist()
-    given = get_sampler("ucgm", {"times": times})(oracle, oracle.transport, noise, None, 5, None).sample
+    given = get_sampler("ucgm-official", {"times": times})(oracle, oracle.transport, noise, None, 5, None).sample
     assert torch.allclose(own, given)
     euler = get_sampler("euler", {"times": uniform_grid(4).tolist()})(oracle, oracle.transport, noise, None, 4, None)
     assert torch.equal(euler.sample, get_sampler("euler")(oracle, oracle.transport, noise, None, 4, None).sample)

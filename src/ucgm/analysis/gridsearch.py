@@ -39,7 +39,8 @@ from ..timegrids import kumaraswamy_grid, uniform_grid
 from ..transports import Transport
 from ..validation import check_positive_int
 from .evolution import Candidate, EvolutionSettings, evolve
-from ..sampling.registry import DEFAULT_GAPS, get_sampler, two_call_intervals, ucgm_intervals
+from ..sampling.registry import (DEFAULT_GAPS, UCGM_SAMPLERS, get_sampler, two_call_intervals, ucgm_intervals,
+                                 ucgm_settings)
 from ..sampling.seeded import fresh_noise_source
 
 #: The search settings used when none are given.
@@ -199,14 +200,15 @@ def search_kumaraswamy(
 ) -> dict:
     """Search UCGM-S's ``(a, b, c)`` (and ``kappa`` when ``search_extrapolation``) for budget ``nfe``.
 
-    ``sampler`` is ``"ucgm"`` or ``"ucgm-o2"``; ``base_settings`` its other settings, whose ``time_warp`` and
-    ``extrapolation`` (default ``(1, 1, 1)`` and 0) are the default the result is compared with; stochastic
+    ``sampler`` is a UCGM-S registry name (:data:`~ucgm.sampling.registry.UCGM_SAMPLERS`); ``base_settings`` its
+    other settings, whose ``time_warp`` and ``extrapolation`` (over the sampler's defaults) are the default the
+    result is compared with; stochastic
     settings draw their noise from per-sample streams seeded with ``settings.seed`` at every evaluation.
     ``"best"`` is ``{"time_warp": (a, b, c), "extrapolation": kappa}``; ``"times"`` its UCGM-S grid.
     """
-    if sampler not in ("ucgm", "ucgm-o2"):
-        raise ValueError(f"sampler={sampler!r}; allowed: 'ucgm', 'ucgm-o2'")
-    base = dict(base_settings or {})
+    if sampler not in UCGM_SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}; allowed: {', '.join(map(repr, UCGM_SAMPLERS))}")
+    base = ucgm_settings(sampler, base_settings)
     if not 0 < warp_bounds[0] < warp_bounds[1]:
         raise ValueError(f"warp_bounds={tuple(warp_bounds)!r} must be (low, high) with 0 < low < high")
     if not 0 <= extrapolation_bounds[0] < extrapolation_bounds[1]:
@@ -220,7 +222,7 @@ def search_kumaraswamy(
         default += (float(base.get("extrapolation", 0.0)),)
     if len(default) != len(box.bounds) or not box.contains(default):
         raise ValueError(f"the default parameters {default} must lie inside the bounds {box.bounds}")
-    intervals = ucgm_intervals(1 if sampler == "ucgm" else 2, nfe, base.get("gaps", DEFAULT_GAPS))
+    intervals = ucgm_intervals(sampler, nfe, base)
 
     def as_settings(parameters: Candidate) -> dict:
         extra = {"extrapolation": parameters[3]} if search_extrapolation else {}

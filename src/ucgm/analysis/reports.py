@@ -27,7 +27,7 @@ from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..sampling.registry import BudgetedSampler, SAMPLER_NAMES, get_sampler
+from ..sampling.registry import BudgetedSampler, SAMPLER_NAMES, get_sampler, ucgm_settings
 from ..atomic import atomic_path
 from ..sampling.seeded import (UCGM_FAMILY, UCGM_SAMPLING_SETTINGS, check_finite_samples, fresh_noise_source,
                                initial_noise, sample_labels)
@@ -45,19 +45,21 @@ class SamplerSpec(NamedTuple):
 
 
 def run_ucgm_settings(config: dict) -> dict:
-    """A run's UCGM-S settings (its ``sampling`` section's stochasticity, extrapolation, time_warp and gaps)."""
+    """A run's UCGM-S settings (its ``sampling`` section's stochasticity, extrapolation, time_warp and gaps; those
+    set to ``None`` keep the sampler's defaults and are left out)."""
     sampling = config.get("sampling") or {}
-    settings = {key: sampling[key] for key in UCGM_SAMPLING_SETTINGS if key in sampling}
+    settings = {key: sampling[key] for key in UCGM_SAMPLING_SETTINGS if sampling.get(key) is not None}
     return {key: tuple(value) if isinstance(value, list) else value for key, value in settings.items()}
 
 
 def effective_settings(spec: SamplerSpec, run_settings: dict, method_sampler: tuple[str, dict] = ("ucgm", {})
                        ) -> dict:
     """The spec's settings over the run's UCGM-S settings (``ucgm`` family) and over the method's own sampler
-    settings (when the spec names the method's sampler, ``method_sampler = (name, settings)``)."""
+    settings (when the spec names the method's sampler, ``method_sampler = (name, settings)``); a UCGM-S sampler's
+    own defaults fill the settings none of them set."""
     base = dict(method_sampler[1]) if spec.name == method_sampler[0] else {}
     if spec.name in UCGM_FAMILY:
-        base.update(run_settings)
+        return ucgm_settings(spec.name, {**base, **run_settings, **spec.settings})
     return {**base, **spec.settings}
 
 

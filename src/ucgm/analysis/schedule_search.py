@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from ..metrics.search_metrics import NUM_REFERENCE, search_metrics
-from ..sampling.registry import get_sampler
+from ..sampling.registry import UCGM_SAMPLERS, get_sampler
 from ..sampling.schedules import grid_intervals
 from ..sampling.seeded import fresh_noise_source, initial_noise, sample_labels
 from ..timegrids import uniform_grid
@@ -77,7 +77,7 @@ def compare_schedules(model: Callable, transport, nfe: int, search: EvaluationSe
     ]
     found = None
     if kumaraswamy:
-        if sampler not in ("ucgm", "ucgm-o2"):
+        if sampler not in UCGM_SAMPLERS:
             raise ValueError(f"the Kumaraswamy search needs UCGM-S; sampler={sampler!r}")
         found = search_kumaraswamy(model, transport, nfe, search, evaluation, settings, sampler, base)
         records.append({"schedule": "kumaraswamy-search", "value": found["heldout_value"],

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from ..data.mixtures import make_mixture
-from ..analysis.reports import draw_samples
+from ..analysis.reports import draw_samples, run_ucgm_settings
 from ..metrics.suites import REFERENCE_SEED, SlicedW2Against
 from ..sampling.registry import BudgetedSampler, get_sampler
 from ..training.loading import LoadedCheckpoint
@@ -127,18 +127,12 @@ DIGITS_OVERRIDES = ("model.base_channels=16", "training.batch_size=64", "trainin
 
 
 # ------------------------------------------------------------------------------------------- samplers
-def _run_ucgm_settings(config: dict) -> dict:
-    sampling = config["sampling"]
-    return {"stochasticity": sampling["stochasticity"], "extrapolation": sampling["extrapolation"],
-            "time_warp": tuple(sampling["time_warp"]), "gaps": tuple(sampling["gaps"])}
-
-
 #: Sampler key -> ``loaded checkpoint -> BudgetedSampler``: the method's own sampler (as ``ucgm sample`` and
 #: ``ucgm evaluate`` use it by default), Euler, or UCGM-S with the run's tuned settings.
 SAMPLERS: dict[str, Callable[[LoadedCheckpoint], BudgetedSampler]] = {
     "own": lambda loaded: get_sampler(*loaded.method.sampler()),
     "euler": lambda loaded: get_sampler("euler"),
-    "ucgm-run": lambda loaded: get_sampler("ucgm", _run_ucgm_settings(loaded.config)),
+    "ucgm-run": lambda loaded: get_sampler("ucgm", run_ucgm_settings(loaded.config)),
 }
 #: How the table names the samplers (the method's own sampler by its registry name).
 OWN_SAMPLER_TEXT = {"cm-multistep": "CM multistep (Karras times)", "mcm": "MCM, NFE segments (DDIM)",

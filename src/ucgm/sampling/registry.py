@@ -8,9 +8,11 @@ uniform grid ``uniform_grid(N, t_max)`` (setting ``t_max``, default 1), EDM on i
 
 | name | sampler | intervals N for budget n | true NFE |
 |---|---|---|---|
-| ``ucgm`` | UCGM-S, order 1 | N = n | n |
-| ``ucgm-o2`` | UCGM-S, order 2 (gap ``g1 > 0``) | N = floor((n + 1) / 2) | 2N - 1 |
-| ``ucgm-o2`` | UCGM-S, order 2 (gap ``g1 = 0``) | N = floor(n / 2) | 2N |
+| ``ucgm`` | UCGM-S, order 1, ucgm's defaults (:data:`UCGM_DEFAULTS`) | N = n | n |
+| ``ucgm-o2`` | UCGM-S, stable order 2 (data-prediction corrector), ucgm's defaults | N = floor(n / 2) + 1, the first n - N corrected | n |
+| ``ucgm-official`` | UCGM-S, order 1, the official defaults | N = n | n |
+| ``ucgm-o2-official`` | UCGM-S, official order 2 (gap ``g1 > 0``) | N = floor((n + 1) / 2) | 2N - 1 |
+| ``ucgm-o2-official`` | UCGM-S, official order 2 (gap ``g1 = 0``) | N = floor(n / 2) | 2N |
 | ``euler``, ``dpm++2m`` | Euler, DPM-Solver++(2M) on a uniform grid | N = n | n |
 | ``heun``, ``edm`` | Heun, EDM stochastic (last interval Euler) | N = floor((n + 1) / 2) | 2N - 1 |
 | ``fm-euler`` | Meta ``flow_matching`` ``ODESolver``, Euler | N = n | n |
@@ -69,14 +71,25 @@ class BudgetedSampler(Protocol):
 
 
 UCGM_SETTINGS = ("stochasticity", "extrapolation", "time_warp", "gaps", "cfg_scale", "cfg_interval",
-                 "time_difference", "times", "skip_blocks")
+                 "time_difference", "times", "skip_blocks", "extrapolation_form", "corrector")
 ODE_SETTINGS = ("t_max",)
 #: Settings of a searched schedule (:mod:`ucgm.sampling.schedules`): an explicit grid, blocks skipped per step.
 GRID_SETTINGS = ("times", "skip_blocks")
 CASCADE_SETTINGS = ("levels", "step_fractions", "stage_sampler", "stage_settings")
 EDM_SETTINGS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
-#: UCGM-S's default boundary gaps (g0, g1), read from :func:`~ucgm.sampling.ucgm_sampler.ucgm_sample`.
+#: The official UCGM-S boundary gaps (g0, g1), read from :func:`~ucgm.sampling.ucgm_sampler.ucgm_sample`.
 DEFAULT_GAPS = tuple(inspect.signature(ucgm_sample).parameters["gaps"].default)
+#: ucgm's UCGM-S defaults, order 1 (``docs/ucgm_sampler.md`` has the measurements that chose them, on models other
+#: than the benchmark's): the grid runs from t = 1 to t = 0 without end gaps (the official gap g1 = 0.001 spends
+#: the last call at t ~ 0.001, where the prediction equals the state), warped toward the data end, and the data
+#: prediction is extrapolated from the second step on (a multistep update at one call per step).
+UCGM_DEFAULTS = {"gaps": (0.0, 0.0), "time_warp": (1.0, 1.4, 1.0), "extrapolation": 0.3, "extrapolation_form": "data"}
+#: ucgm's stable order 2: the data-prediction corrector (never divides by gamma, which vanishes at t = 1), no end
+#: gaps, the order-1 warp, every call spent (the last interval, ending at t = 0, is never corrected).
+UCGM_O2_DEFAULTS = {"gaps": (0.0, 0.0), "time_warp": (1.0, 1.4, 1.0), "corrector": "data"}
+#: The UCGM-S registry names: (order, default settings); ``*-official`` are the official sampler (parity).
+UCGM_SAMPLERS = {"ucgm": (1, UCGM_DEFAULTS), "ucgm-o2": (2, UCGM_O2_DEFAULTS), "ucgm-official": (1, {}),
+                 "ucgm-o2-official": (2, {})}
 
 
 #: The largest budget any sampler accepts (far beyond where more steps change a sample).
@@ -97,24 +110,42 @@ def two_call_intervals(nfe: int) -> int:
     return (nfe + 1) // 2
 
 
-def ucgm_intervals(order: int, nfe: int, gaps: Sequence[float] = DEFAULT_GAPS) -> int:
-    """UCGM-S intervals for budget ``nfe``: ``n`` at order 1; at order 2 ``floor((n + 1) / 2)`` when the gap
-    ``g1 > 0`` (NFE ``2N - 1``) and ``floor(n / 2)`` when ``g1 = 0`` (NFE ``2N``)."""
-    name = "ucgm" if order == 1 else "ucgm-o2"
+def ucgm_settings(name: str, settings: Optional[Mapping[str, object]] = None) -> dict:
+    """The settings UCGM-S sampler ``name`` (a key of :data:`UCGM_SAMPLERS`) runs with: its defaults, then
+    ``settings``."""
+    if name not in UCGM_SAMPLERS:
+        raise ValueError(f"{name!r} is not a UCGM-S sampler; allowed: {', '.join(UCGM_SAMPLERS)}")
+    return {**UCGM_SAMPLERS[name][1], **(settings or {})}
+
+
+def ucgm_intervals(name: str, nfe: int, settings: Optional[Mapping[str, object]] = None) -> int:
+    """Intervals N of UCGM-S sampler ``name`` at budget ``nfe`` (``settings`` over its defaults): ``n`` at order 1;
+    ``ucgm-o2``: ``floor(n / 2) + 1`` (the first ``n - N`` corrected, so every call is spent);
+    ``ucgm-o2-official``: ``floor((n + 1) / 2)`` when the gap ``g1 > 0`` (NFE ``2N - 1``) and ``floor(n / 2)``
+    when ``g1 = 0`` (NFE ``2N``)."""
     _check_nfe(name, nfe)
+    order, _ = UCGM_SAMPLERS[name] if name in UCGM_SAMPLERS else (None, None)
+    if order is None:
+        raise ValueError(f"{name!r} is not a UCGM-S sampler; allowed: {', '.join(UCGM_SAMPLERS)}")
     if order == 1:
         return nfe
-    if float(gaps[1]) != 0.0:
+    if name == "ucgm-o2":
+        return nfe // 2 + 1
+    if float(ucgm_settings(name, settings).get("gaps", DEFAULT_GAPS)[1]) != 0.0:
         return two_call_intervals(nfe)
     if nfe < 2:
-        raise ValueError(f"nfe={nfe} is below 2, the smallest budget of 'ucgm-o2' with gap g1 = 0")
+        raise ValueError(f"nfe={nfe} is below 2, the smallest budget of {name!r} with gap g1 = 0")
     return nfe // 2
 
 
-def _ucgm(order: int, model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
+def _ucgm(name: str, model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
           **settings) -> SampleResult:
-    intervals = ucgm_intervals(order, nfe, settings.get("gaps", DEFAULT_GAPS))
+    order = UCGM_SAMPLERS[name][0]
+    settings = ucgm_settings(name, settings)
+    intervals = ucgm_intervals(name, nfe, settings)
     steps = intervals if order == 1 else 2 * intervals  # ucgm_sample runs ceil(steps / 2) intervals at order 2
+    if name == "ucgm-o2":
+        settings["corrections"] = nfe - intervals
     return ucgm_sample(model, transport, noise, labels, steps=steps, order=order, generator=generator,
                        return_trajectory=return_trajectory, **settings)
 
@@ -265,7 +296,7 @@ def _generator(model, transport, noise, labels, nfe, generator, return_trajector
 
 
 #: Samplers of any model of the probability-flow ODE / SDE.
-SOLVER_NAMES = ("ucgm", "ucgm-o2", "euler", "heun", "dpm++2m", "edm")
+SOLVER_NAMES = ("ucgm", "ucgm-o2", "ucgm-official", "ucgm-o2-official", "euler", "heun", "dpm++2m", "edm")
 #: Samplers of models trained by a particular method (each method names its own, :meth:`Method.sampler`).
 METHOD_SAMPLER_NAMES = ("cm-multistep", "mcm", "scm", "caf", "dddm", "ddim", "ddim-stochastic", "cascade",
                         "flow-map", "shortcut", "generator")
@@ -273,8 +304,7 @@ SAMPLER_NAMES = SOLVER_NAMES + METHOD_SAMPLER_NAMES
 FLOW_MATCHING_SAMPLER_NAMES = ("fm-euler", "fm-midpoint")
 
 SAMPLERS: dict[str, Callable[..., SampleResult]] = {
-    "ucgm": functools.partial(_ucgm, 1),
-    "ucgm-o2": functools.partial(_ucgm, 2),
+    **{name: functools.partial(_ucgm, name) for name in UCGM_SAMPLERS},
     "euler": functools.partial(_one_call_ode, euler_sample, "euler"),
     "heun": _heun,
     "dpm++2m": functools.partial(_one_call_ode, dpm_solver_pp_2m_sample, "dpm++2m"),
@@ -295,7 +325,7 @@ SAMPLERS: dict[str, Callable[..., SampleResult]] = {
 }
 
 ALLOWED_SETTINGS: dict[str, tuple[str, ...]] = {
-    "ucgm": UCGM_SETTINGS, "ucgm-o2": UCGM_SETTINGS, "euler": ODE_SETTINGS + GRID_SETTINGS,
+    **{name: UCGM_SETTINGS for name in UCGM_SAMPLERS}, "euler": ODE_SETTINGS + GRID_SETTINGS,
     "heun": ODE_SETTINGS + GRID_SETTINGS,
     "dpm++2m": ODE_SETTINGS + GRID_SETTINGS, "edm": EDM_SETTINGS, "fm-euler": ODE_SETTINGS, "fm-midpoint": ODE_SETTINGS,
     "cm-multistep": ("sigma_min", "sigma_max", "rho"), "mcm": ("sigma_min", "sigma_max", "sigma_data", "eta"),

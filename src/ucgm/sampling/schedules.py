@@ -17,7 +17,7 @@ from typing import Optional
 
 from ..atomic import atomic_write_text
 from ..timegrids import checked_grid
-from .registry import DEFAULT_GAPS, two_call_intervals, ucgm_intervals
+from .registry import UCGM_SAMPLERS, two_call_intervals, ucgm_intervals
 
 SCHEDULE_FORMAT = "ucgm-schedule-v1"
 #: Samplers that take an explicit grid (``times``) and per-step block skipping (``skip_blocks``).
@@ -28,8 +28,8 @@ def grid_intervals(sampler: str, nfe: int, settings: Optional[dict] = None) -> i
     """The intervals of the grid ``sampler`` runs at budget ``nfe`` (with ``settings``' gaps for ``ucgm-o2``)."""
     if sampler not in GRID_SAMPLERS:
         raise ValueError(f"sampler {sampler!r} takes no explicit grid; allowed: {', '.join(GRID_SAMPLERS)}")
-    if sampler == "ucgm-o2":
-        return ucgm_intervals(2, nfe, (settings or {}).get("gaps", DEFAULT_GAPS))
+    if sampler in UCGM_SAMPLERS:
+        return ucgm_intervals(sampler, nfe, settings)
     return two_call_intervals(nfe) if sampler == "heun" else nfe
 
 

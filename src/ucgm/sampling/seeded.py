@@ -85,13 +85,14 @@ def sample_labels(num: int, num_classes: int, labels: Optional[Sequence[int]] = 
 
 #: The sampling-config settings each registered sampler takes (guidance is applied by wrapping the model).
 UCGM_SAMPLING_SETTINGS = ("stochasticity", "extrapolation", "time_warp", "gaps")
-UCGM_FAMILY = ("ucgm", "ucgm-o2")
+UCGM_FAMILY = ("ucgm", "ucgm-o2", "ucgm-official", "ucgm-o2-official")
 
 
 def resolve_sampler(settings: SamplingConfig, method_sampler: tuple[str, dict] = ("ucgm", {})) -> tuple[str, dict]:
     """The registry sampler and its settings: ``settings.sampler``, or the method's own (``method_sampler``,
     from :meth:`ucgm.methods.base.Method.sampler`) when it is ``None``; the method's settings apply whenever its
-    sampler is chosen, and UCGM-S also takes the section's stochasticity, extrapolation, warp and gaps. A
+    sampler is chosen, and UCGM-S also takes the section's stochasticity, extrapolation, warp and gaps (those left
+    ``None`` keep the sampler's own defaults). A
     ``settings.schedule`` file (:mod:`ucgm.sampling.schedules`) names the sampler and all its settings instead."""
     if settings.schedule is not None:
         schedule = read_schedule(settings.schedule)
@@ -100,8 +101,9 @@ def resolve_sampler(settings: SamplingConfig, method_sampler: tuple[str, dict] =
     name = settings.sampler or method_name
     options = dict(method_options) if name == method_name else {}
     if name in UCGM_FAMILY:
-        options.update({key: getattr(settings, key) for key in UCGM_SAMPLING_SETTINGS})
-        options.update(time_warp=tuple(settings.time_warp), gaps=tuple(settings.gaps))
+        chosen = {key: getattr(settings, key) for key in UCGM_SAMPLING_SETTINGS}
+        options.update({key: tuple(value) if isinstance(value, list) else value for key, value in chosen.items()
+                        if value is not None})
     return name, options
 
 

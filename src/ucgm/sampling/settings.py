@@ -12,14 +12,16 @@ from .registry import MAX_NFE, SAMPLER_NAMES
 @dataclass
 class SamplingConfig:
     """Default sampler settings for ``ucgm sample`` and the periodic sample grids; ``sampler = None`` samples
-    with the run's own method's sampler (:meth:`ucgm.methods.base.Method.sampler`)."""
+    with the run's own method's sampler (:meth:`ucgm.methods.base.Method.sampler`). UCGM-S settings left
+    ``None`` (extrapolation, time_warp, gaps) keep the sampler's defaults (``ucgm``: ucgm's, ``ucgm-official``:
+    the official ones; :mod:`ucgm.sampling.registry`)."""
 
     sampler: Optional[str] = None
     nfe: int = 40
     stochasticity: Any = 0.0
-    extrapolation: float = 0.0
-    time_warp: list = field(default_factory=lambda: [1.0, 1.0, 1.0])
-    gaps: list = field(default_factory=lambda: [0.001, 0.001])
+    extrapolation: Optional[float] = None
+    time_warp: Optional[list] = None
+    gaps: Optional[list] = None
     cfg_scale: Optional[float] = None
     cfg_interval: Optional[list] = None
     num: int = 64
@@ -35,10 +37,12 @@ class SamplingConfig:
         require(self.stochasticity in ("sde", "auto") or (is_number(self.stochasticity)
                                                          and 0 <= self.stochasticity <= 1),
                  f"{prefix}.stochasticity", self.stochasticity, "must lie in [0, 1] or be 'sde' or 'auto'")
-        require(is_number(self.extrapolation) and self.extrapolation >= 0, f"{prefix}.extrapolation",
-                 self.extrapolation, "must be a number >= 0")
-        require_numbers(f"{prefix}.time_warp", self.time_warp, 3)
-        require_numbers(f"{prefix}.gaps", self.gaps, 2)
+        require(self.extrapolation is None or (is_number(self.extrapolation) and self.extrapolation >= 0),
+                 f"{prefix}.extrapolation", self.extrapolation, "must be null (the sampler's default) or a number >= 0")
+        if self.time_warp is not None:
+            require_numbers(f"{prefix}.time_warp", self.time_warp, 3)
+        if self.gaps is not None:
+            require_numbers(f"{prefix}.gaps", self.gaps, 2)
         require(self.cfg_scale is None or is_number(self.cfg_scale), f"{prefix}.cfg_scale", self.cfg_scale,
                  "must be null (no guidance) or a number")
         if self.cfg_interval is not None:

@@ -3,15 +3,25 @@
 Grid ``t_0 > t_1 > ... > t_N = 0`` (:func:`ucgm.timegrids.kumaraswamy_grid`). At step i, with
 ``(x_hat, z_hat)`` the network's data and noise predictions at ``(x_i, t_i)``:
 
-* extrapolation (kappa, from the third step on): ``p <- p + kappa (p - p_prev)`` for both predictions,
-  ``p_prev`` being the previous step's raw prediction;
+* extrapolation (kappa), two forms: ``"official"`` (from the third step on, both predictions,
+  ``p <- p + kappa (p - p_prev)`` with ``p_prev`` the previous step's raw prediction) and ``"data"`` (from the
+  second step on, the data prediction only, ``x_hat <- x_hat + kappa (x_hat - x_hat_prev)``, and the noise
+  prediction it implies at the state, ``z_hat = (x_i - gamma(t_i) x_hat) / alpha(t_i)``: with rho = 0 the step is
+  then the data-prediction multistep update ``x_{i+1} = alpha'/alpha x_i + (gamma' - alpha' gamma / alpha) x_hat``);
 * step: ``x_{i+1} = gamma(t_{i+1}) x_hat + alpha(t_{i+1}) (sqrt(1 - rho) z_hat + sqrt(rho) eps)``,
   eps ~ N(0, I) (rho = 0: deterministic DDIM-type step; rho = 1: consistency-style "denoise, re-noise");
-* order 2 (all intervals but the last): a second call at ``(x_{i+1}, t_{i+1})`` gives ``z_hat'`` and
-  ``x_{i+1} = gamma(t_{i+1}) / gamma(t_i) x_i + (alpha(t_{i+1}) - gamma(t_{i+1}) alpha(t_i) / gamma(t_i)) (z_hat + z_hat') / 2``.
+* order 2: a second call at ``(x_{i+1}, t_{i+1})`` gives ``(x_hat', z_hat')`` and the corrector, two forms:
+  ``"official"`` (noise-prediction form, divides by ``gamma(t_i)``, which vanishes at t = 1 on the Linear path)
+  ``x_{i+1} = gamma'/gamma x_i + (alpha' - gamma' alpha / gamma) (z_hat + z_hat') / 2`` and ``"data"``
+  (data-prediction form, divides by ``alpha(t_i)``, which never vanishes where the sampler calls the network)
+  ``x_{i+1} = alpha'/alpha x_i + (gamma' - alpha' gamma / alpha) (x_hat + x_hat') / 2``, primes at ``t_{i+1}``.
+  The official rule corrects every interval but the last (every one when the end gap is 0); ``corrections``
+  corrects the first ``corrections`` intervals instead.
 
 The sample is the data prediction of the last first-order call. The state is kept in float64, the network is
-called in the dtype of the initial noise; no state survives between calls.
+called in the dtype of the initial noise; no state survives between calls. Every default is the official one
+(``tests/test_parity.py``); ucgm's own defaults are those of the registry's ``ucgm`` and ``ucgm-o2``
+(:mod:`ucgm.sampling.registry`, measured in ``docs/ucgm_sampler.md``).
 """
 
 from __future__ import annotations
@@ -29,6 +39,10 @@ from .noise import normal_noise
 from .result import SampleResult
 
 STOCHASTICITY_SCHEDULES = ("sde", "auto")
+#: Extrapolation forms: the official one (both predictions, from the third step) and ucgm's data-prediction one.
+EXTRAPOLATION_FORMS = ("official", "data")
+#: Order-2 corrector forms: the official noise-prediction one and ucgm's data-prediction one.
+CORRECTORS = ("official", "data")
 
 #: Official UCGM sampler argument names and their ucgm equivalents.
 OFFICIAL_SAMPLER_NAMES = {
@@ -66,6 +80,20 @@ def check_sampler_settings(stochasticity: float | str, extrapolation: float, tim
         raise ValueError(f"gaps={tuple(gaps)!r} must be (g0, g1) with 0 <= g0, g1 and g0 + g1 < 1")
 
 
+def official_corrections(intervals: int, gaps: Sequence[float]) -> int:
+    """The intervals the official order-2 loop corrects: all but the last, or all when the end gap is 0 (it
+    treats the appended 0 as a grid point; that last correction does not change the sample)."""
+    return intervals if float(gaps[1]) == 0.0 else intervals - 1
+
+
+def data_prediction_step(transport: Transport, state: Tensor, data_hat: Tensor, t_cur: Tensor, t_next: Tensor
+                         ) -> Tensor:
+    """``x' = alpha(t') / alpha(t) x + (gamma(t') - alpha(t') gamma(t) / alpha(t)) x_hat``: the deterministic
+    step that keeps the noise ``(x - gamma x_hat) / alpha`` implied at the state (``alpha(t) > 0``)."""
+    ratio = transport.alpha(t_next) / transport.alpha(t_cur)
+    return ratio * state + (transport.gamma(t_next) - ratio * transport.gamma(t_cur)) * data_hat
+
+
 def ucgm_sample(
     model: Callable,
     transport: Transport,
@@ -83,12 +111,18 @@ def ucgm_sample(
     return_trajectory: bool = False,
     times: Optional[Sequence[float] | Tensor] = None,
     time_difference: float = 0.0,
+    extrapolation_form: str = "official",
+    corrector: str = "official",
+    corrections: Optional[int] = None,
 ) -> SampleResult:
     """Sample with UCGM-S.
 
     ``steps``: sampling steps (order 2 uses ``ceil(steps / 2)`` intervals); ``stochasticity`` rho in [0, 1] or
-    ``"sde"``; ``extrapolation`` kappa >= 0; ``time_warp`` the Kumaraswamy ``(a, b, c)``; ``gaps`` the boundary
-    gaps ``(g0, g1)``; ``cfg_scale`` / ``cfg_interval`` classifier-free guidance on the network time.
+    ``"sde"``; ``extrapolation`` kappa >= 0 in ``extrapolation_form`` (:data:`EXTRAPOLATION_FORMS`);
+    ``time_warp`` the Kumaraswamy ``(a, b, c)``; ``gaps`` the boundary gaps ``(g0, g1)``; ``cfg_scale`` /
+    ``cfg_interval`` classifier-free guidance on the network time; ``corrector`` the order-2 form
+    (:data:`CORRECTORS`) and ``corrections`` how many of the first intervals it corrects (``None``: the official
+    rule, :func:`official_corrections`).
     ``times``: an explicit grid ``t_0 > ... > t_N = 0`` (a searched schedule) instead of the warped one, with
     ``N`` the intervals of ``steps``; ``time_difference``: Analog Bits' asymmetric time intervals (each step
     moves its state to :func:`~ucgm.timegrids.asymmetric_targets`, pix2seq's ``td``; 0 by default).
@@ -97,6 +131,8 @@ def ucgm_sample(
     """
     check_positive_int("steps", steps)
     check_choice("order", order, (1, 2))
+    check_choice("extrapolation_form", extrapolation_form, EXTRAPOLATION_FORMS)
+    check_choice("corrector", corrector, CORRECTORS)
     check_finite("noise", noise)
     check_batch("labels", labels, noise.shape[0])
     check_sampler_settings(stochasticity, extrapolation, time_warp, gaps)
@@ -110,9 +146,13 @@ def ucgm_sample(
         times = kumaraswamy_grid(intervals, time_warp, gaps, dtype=noise.dtype).to(noise.device)
     else:
         times = checked_grid(times, intervals, noise.dtype).to(noise.device)
+    if corrections is None:
+        corrections = official_corrections(intervals, gaps)
+    elif isinstance(corrections, bool) or not isinstance(corrections, int) or not 0 <= corrections <= intervals:
+        raise ValueError(f"corrections={corrections!r} must be an integer from 0 to the {intervals} intervals")
+    corrected_intervals = corrections if order == 2 else 0
     targets = asymmetric_targets(times, time_difference)
-    # The official loop treats the appended 0 as a grid point when g1 == 0: no correction is skipped then.
-    corrected_intervals = intervals if float(gaps[1]) == 0.0 else intervals - 1
+    extrapolation_start = 2 if extrapolation_form == "official" else 1
     network_dtype = noise.dtype
     state = noise.to(torch.float64)
     trajectory = [noise] if return_trajectory else None
@@ -132,9 +172,12 @@ def ucgm_sample(
         data_hat, noise_hat, sample = predict(state, t_cur)
         if extrapolation > 0:
             raw_data, raw_noise = data_hat, noise_hat
-            if i >= 2:
+            if i >= extrapolation_start:
                 data_hat = data_hat + extrapolation * (data_hat - previous_data)
-                noise_hat = noise_hat + extrapolation * (noise_hat - previous_noise)
+                if extrapolation_form == "official":
+                    noise_hat = noise_hat + extrapolation * (noise_hat - previous_noise)
+                else:
+                    noise_hat = (state - transport.gamma(t_cur) * data_hat) / transport.alpha(t_cur)
             previous_data, previous_noise = raw_data, raw_noise
         if isinstance(ratio, str):
             ratio = first_step_sde_ratio(transport, t_cur, t_next)
@@ -143,11 +186,15 @@ def ucgm_sample(
             fresh = normal_noise(state.shape, generator, torch.float64, state.device)
         next_state = transport.gamma(t_next) * data_hat + transport.alpha(t_next) * (
             noise_hat * (1 - ratio) ** 0.5 + fresh * ratio**0.5)
-        if order == 2 and i < corrected_intervals:
-            _, corrector_noise, _ = predict(next_state, t_next)
-            gamma_cur, gamma_next = transport.gamma(t_cur), transport.gamma(t_next)
-            noise_weight = transport.alpha(t_next) - gamma_next * transport.alpha(t_cur) / gamma_cur
-            next_state = state * gamma_next / gamma_cur + noise_weight * (0.5 * noise_hat + 0.5 * corrector_noise)
+        if i < corrected_intervals:
+            corrector_data, corrector_noise, _ = predict(next_state, t_next)
+            if corrector == "data":
+                next_state = data_prediction_step(transport, state, 0.5 * data_hat + 0.5 * corrector_data,
+                                                  t_cur, t_next)
+            else:
+                gamma_cur, gamma_next = transport.gamma(t_cur), transport.gamma(t_next)
+                noise_weight = transport.alpha(t_next) - gamma_next * transport.alpha(t_cur) / gamma_cur
+                next_state = state * gamma_next / gamma_cur + noise_weight * (0.5 * noise_hat + 0.5 * corrector_noise)
         state = next_state
         if trajectory is not None:
             trajectory.append(state.to(network_dtype) if i < intervals - 1 else sample)
