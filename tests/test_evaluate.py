@@ -170,7 +170,10 @@ def _check_quality_report(report: dict) -> None:
         assert RECORD_KEYS <= set(record)
     gmm = [record for record in records if record["dataset"] == "gmm" and record["budget"] in QUALITY_NFES]
     samplers = {record["sampler"] for record in gmm}
-    assert {"ucgm (official defaults)", "ucgm (searched)", "euler", "heun", "dpm++2m"} <= samplers
+    assert {"ucgm", "ucgm-o2", "ucgm-official", "ucgm-o2-official", "ucgm (searched)", "euler", "heun",
+            "dpm++2m"} <= samplers
+    ucgm = next(record for record in gmm if record["sampler"] == "ucgm")
+    assert ucgm["settings"] == jsonable_settings(UCGM_DEFAULTS)  # the defaults it ran with are recorded
     assert {record["metric"] for record in records if record["dataset"] == "digits"} == {"digits_fd"}
     ratio = report["few_vs_multi_details"]
     assert report["few_vs_multi"] == ratio["ratio"]
@@ -178,17 +181,35 @@ def _check_quality_report(report: dict) -> None:
     assert ratio["target"] == FEW_VS_MULTI_TARGET and ratio["met"] == (ratio["ratio"] <= FEW_VS_MULTI_TARGET)
     assert set(report["quality_details"]["gmm"]["searches"]) == set(QUALITY_NFES)
     paired = report["quality_details"]["gmm"]["paired_nfe8"]
-    assert set(paired["difference_to_euler"]) == {"ucgm (searched)", "ucgm (official defaults)"}
+    assert set(paired["difference_to_euler"]) == {"ucgm (searched)", "ucgm", "ucgm-official"}
     assert len(paired["values"]["euler"]) == len(paired["seeds"])
+    assert set(report["ucgm_vs_euler_250"]) == {"gmm", "digits"}
+    for dataset, smallest in report["ucgm_vs_euler_250"].items():
+        match = report["quality_details"][dataset]["match_euler"]
+        assert match["reference_nfe"] == 250 and smallest == match["smallest_nfe"]
+        if smallest is not None:  # the scan stops at the first budget at least as good as Euler at 250
+            assert match["values"][smallest] <= match["reference_value"] and max(match["values"]) == smallest
+    guidance = report["guidance"]
+    assert {(r["dataset"], r["guidance"]) for r in guidance} == {(d, g) for d in ("gmm", "digits")
+                                                                 for g in ("cfg", "autoguidance")}
+    assert {"dataset", "guidance", "scale", "metric", "value"} <= set(guidance[0])
+    assert {r["metric"] for r in guidance if r["dataset"] == "gmm"} == {"per_class_sliced_w2", "within_class_spread",
+                                                                         "class_mode_coverage"}
+    for metric in ("per_class_sliced_w2", "within_class_spread"):  # at scale 1 both are the conditional model alone
+        at_one = {r["guidance"]: r["value"] for r in guidance if r["scale"] == 1.0 and r["metric"] == metric
+                  and r["dataset"] == "gmm"}
+        assert at_one["cfg"] == pytest.approx(at_one["autoguidance"])
     json.dumps(report)
     text = quality_markdown({**report, "meta": {"command": "ucgm bench --sections quality", "quick": True}})
     assert "`ucgm bench --sections quality`" in text and "UCGM-S vs Euler at NFE 8" in text
-    assert "Sample-noise floor" in text and "Few-step vs multi-step" in text
+    assert "Sample-noise floor" in text and "Few-step vs multi-step" in text and "autoguidance" in text
+    assert "matches Euler at 250 NFE" in text
 
 
 def test_quality_bench_at_toy_size():
     sizes = QualitySizes(gmm_steps=20, tune_steps=5, digits_steps=5, num_gmm=200, num_reference=500, num_search=200,
-                         num_digits=40, floor_repeats=2, paired_repeats=2, search_population=4, search_generations=1)
+                         num_digits=40, floor_repeats=2, paired_repeats=2, search_population=4, search_generations=1,
+                         guide_gmm_steps=10, guide_digits_steps=3, num_guidance=200)
     _check_quality_report(run_quality(sizes))
 
 
@@ -196,7 +217,7 @@ def test_quality_bench_at_toy_size():
 def test_quality_bench_at_small_size():
     sizes = QualitySizes(gmm_steps=600, tune_steps=100, digits_steps=100, num_gmm=2000, num_reference=5000,
                          num_search=2000, num_digits=200, floor_repeats=2, paired_repeats=2, search_population=6,
-                         search_generations=2)
+                         search_generations=2, guide_gmm_steps=100, guide_digits_steps=30, num_guidance=2000)
     report = run_quality(sizes)
     _check_quality_report(report)
     floor = report["quality_details"]["gmm"]["floor"]["mean"]

@@ -1,31 +1,39 @@
-"""Quality benchmark: samplers at equal NFE on one flow-matching-trained model, and few-step vs multi-step.
+"""Quality benchmark: samplers at equal NFE on flow-matching-trained models, few-step vs multi-step, UCGM-S vs
+Euler at 250 NFE, and classifier-free guidance vs autoguidance.
 
 Models are trained by ucgm's own trainer into a temporary directory (deterministic, seed 0):
 
 * GMM: the ``gmm`` preset (8 Gaussians, unconditional) with ``objective=flow_matching`` (the multi-step model),
   and a few-step model tuned from it with the preset's ``tune:`` recipe (UCGM-T, consistency ratio 1; without the
   enhanced target, which needs class labels).
-* digits: the ``digits`` preset with ``objective=flow_matching`` (class-conditional, 16 base channels).
+* digits: the ``digits`` preset with ``objective=flow_matching`` (class-conditional, 16 base channels, label
+  dropout 0.1 so that classifier-free guidance has a null label).
+* guidance (:mod:`ucgm.bench.guidance`): the class-conditional GMM (flow matching, label dropout 0.1) and, as
+  autoguidance's guides, smaller models trained for fewer steps (GMM: MLP width 32; digits: 8 base channels).
 
-Every sampler starts from the same seeded noise (seed 0, :func:`ucgm.analysis.reports.draw_samples`). GMM quality is the
-sliced W2 (256 projections) of ``num_gmm`` samples against ``num_reference`` exact mixture samples (seed 12345);
-the sample-noise floor is the same distance for ``num_gmm`` exact samples (seeds 1000, 1001, ...), mean and std
-over ``floor_repeats`` draws. Digits quality is the digits FD of ``num_digits`` samples against the held-out split
-(floor: as many training-split digits).
+Every sampler starts from the same seeded noise (seed 0, :func:`ucgm.analysis.reports.draw_samples`). GMM quality
+is the sliced W2 (256 projections) of ``num_gmm`` samples against ``num_reference`` exact mixture samples (seed
+12345); the sample-noise floor is the same distance for ``num_gmm`` exact samples (seeds 1000, 1001, ...), mean and
+std over ``floor_repeats`` draws. Digits quality is the digits FD of ``num_digits`` samples against the held-out
+split (floor: as many training-split digits).
 
-Samplers at NFE 4, 8, 16: UCGM-S with the official defaults (the registry's: rho = 0, kappa = 0, warp (1, 1, 1),
-gaps (0.001, 0.001)); on the GMM also UCGM-S with *searched* settings: for each NFE, the boundary gaps from
-:data:`SEARCH_GAPS` and the Kumaraswamy warp and kappa found by :func:`~ucgm.analysis.search_kumaraswamy` on
-separate search noise (seed 1, ``num_search`` samples) scored by sliced W2 with 64 other projections against
-separate exact samples (seed 777); the table reports them on the evaluation noise. Baselines: Euler, Heun,
-DPM-Solver++(2M) on uniform grids, and Meta ``flow_matching``'s ``ODESolver`` (Euler, midpoint) when installed.
-The NFE-8 comparison of UCGM-S with Euler is repeated on ``paired_repeats`` further noise seeds (100, 101, ...):
-the mean and std of the paired differences say whether a gap is larger than the sampling noise.
+Samplers at NFE 4, 8, 16, labelled by registry name: ``ucgm`` (ucgm's defaults, no per-model search), ``ucgm-o2``
+(ucgm's stable order 2), ``ucgm-official`` and ``ucgm-o2-official`` (the official defaults: rho = 0, kappa = 0,
+warp (1, 1, 1), gaps (0.001, 0.001)), the baselines Euler, Heun, DPM-Solver++(2M) on uniform grids and Meta
+``flow_matching``'s ``ODESolver`` (Euler, midpoint) when installed; on the GMM also UCGM-S with *searched*
+settings: for each NFE, the boundary gaps from :data:`SEARCH_GAPS` and the Kumaraswamy warp and kappa found by
+:func:`~ucgm.analysis.search_kumaraswamy` (official sampler) on separate search noise (seed 1, ``num_search``
+samples) scored by sliced W2 with 64 other projections against separate exact samples (seed 777); the table
+reports them on the evaluation noise. The NFE-8 comparison of UCGM-S with Euler is repeated on
+``paired_repeats`` further noise seeds (100, 101, ...): the mean and std of the paired differences say whether a
+gap is larger than the sampling noise.
 
-``few_vs_multi``: sliced W2 of the few-step model at NFE 2 divided by that of the multi-step model at NFE 64
-(UCGM-S, official defaults); target <= :data:`FEW_VS_MULTI_TARGET`. The few-step model samples with its run's tuned
-settings whose stochasticity and end gap are chosen from :data:`FEW_STEP_GRID` on the search set (the ratio with
-the run's settings unchanged is reported too).
+``few_vs_multi``: sliced W2 of the few-step model at NFE 2 (its run's tuned settings, the preset's recipe) divided
+by that of the multi-step model at NFE 64 (``ucgm``); target <= :data:`FEW_VS_MULTI_TARGET`. The ratio with
+stochasticity and end gap chosen from :data:`FEW_STEP_GRID` on the search set is reported too.
+
+``ucgm_vs_euler_250``: per dataset, the smallest NFE of :data:`MATCH_NFES` at which ``ucgm`` is at least as good
+as Euler at 250 NFE on the multi-step model (:func:`~ucgm.analysis.nfe_match.smallest_matching_nfe`).
 """
 
 from __future__ import annotations
@@ -41,16 +49,18 @@ import torch
 from torch import Tensor
 
 from ..analysis import EvaluationSet, EvolutionSettings, search_kumaraswamy
+from ..analysis.nfe_match import REFERENCE_NFE, REFERENCE_SAMPLER, smallest_matching_nfe
 from ..data.mixtures import make_mixture
 from ..analysis.reports import draw_samples, jsonable_settings, run_ucgm_settings
 from ..metrics.suites import REFERENCE_SEED, SlicedW2Against
-from ..sampling.registry import available_sampler_names, get_sampler
+from ..sampling.registry import UCGM_SAMPLERS, available_sampler_names, get_sampler, ucgm_settings
 from ..cli.components import accepted_keys
 from ..cli.config import resolve_config
 from ..sampling.seeded import fresh_noise_source, initial_noise
 from ..cli.train import run_training
 from ..cli.sample import load_checkpoint_model
 from ..cli.tune import tune_config
+from .guidance import class_metrics, digits_class_accuracy, guidance_records, mixture_coverage
 
 QUALITY_NFES = (4, 8, 16)
 COMPARISON_NFE = 8
@@ -64,11 +74,16 @@ SEARCH_GAPS = ((0.001, 0.001), (0.001, 0.0))
 #: Few-step UCGM-S (stochasticity, end gap g1) pairs searched at NFE 2.
 FEW_STEP_GRID = tuple((rho, gap) for rho in (0.0, 0.5, 1.0) for gap in (0.1, 0.2, 0.3, 0.5))
 MULTI_STEP, FEW_STEP = "multi-step (flow matching)", "few-step (UCGM-T tuned)"
-UCGM_DEFAULTS, UCGM_SEARCHED = "ucgm (official defaults)", "ucgm (searched)"
+UCGM_DEFAULTS, UCGM_OFFICIAL, UCGM_SEARCHED = "ucgm", "ucgm-official", "ucgm (searched)"
 UCGM_TUNED, UCGM_TUNED_SEARCHED = "ucgm (run's tuned settings)", "ucgm (searched rho, g1)"
-#: Baseline samplers by label: registry name (settings are the registry defaults).
-BASELINE_SAMPLERS = {"euler": "euler", "heun": "heun", "dpm++2m": "dpm++2m", "fm-euler (Meta ODESolver)": "fm-euler",
-                     "fm-midpoint (Meta ODESolver)": "fm-midpoint"}
+#: Samplers of the equal-NFE tables by label: registry name (settings are the registry defaults).
+COMPARED_SAMPLERS = {"ucgm": "ucgm", "ucgm-o2": "ucgm-o2", "ucgm-official": "ucgm-official",
+                     "ucgm-o2-official": "ucgm-o2-official", "euler": "euler", "heun": "heun", "dpm++2m": "dpm++2m",
+                     "fm-euler (Meta ODESolver)": "fm-euler", "fm-midpoint (Meta ODESolver)": "fm-midpoint"}
+#: Budgets scanned for the smallest NFE at which ``ucgm`` matches Euler at 250.
+MATCH_NFES = (2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64, 128, 250)
+#: The guide of autoguidance: a smaller model than the guided one (GMM MLP width, digits base channels).
+GMM_GUIDE_WIDTH, DIGITS_GUIDE_CHANNELS = 32, 8
 
 
 @dataclass(frozen=True)
@@ -86,14 +101,17 @@ class QualitySizes:
     paired_repeats: int
     search_population: int
     search_generations: int
+    guide_gmm_steps: int
+    guide_digits_steps: int
+    num_guidance: int
 
 
 QUICK = QualitySizes(gmm_steps=1500, tune_steps=150, digits_steps=300, num_gmm=5000, num_reference=20000,
                      num_search=2000, num_digits=300, floor_repeats=3, paired_repeats=3, search_population=8,
-                     search_generations=3)
+                     search_generations=3, guide_gmm_steps=250, guide_digits_steps=60, num_guidance=2000)
 FULL = QualitySizes(gmm_steps=3000, tune_steps=300, digits_steps=2000, num_gmm=20000, num_reference=100000,
                     num_search=10000, num_digits=1000, floor_repeats=5, paired_repeats=5, search_population=12,
-                    search_generations=6)
+                    search_generations=6, guide_gmm_steps=500, guide_digits_steps=300, num_guidance=8000)
 
 
 def _objective_overrides(objective: dict) -> list[str]:
@@ -116,23 +134,45 @@ def train_gmm_models(workdir: Path, sizes: QualitySizes) -> tuple[Path, Path]:
     return multi_dir, few_dir
 
 
-def train_digits_model(workdir: Path, sizes: QualitySizes) -> Path:
-    """The flow-matching digits run (small UNet; a faster EMA when the run is short)."""
-    run_dir = workdir / "digits-multi-step"
-    decay = 0.999 if sizes.digits_steps >= 1500 else 0.99
+def _digits_run(run_dir: Path, steps: int, channels: int) -> Path:
+    """A conditional flow-matching digits run with label dropout 0.1 (small UNet; a faster EMA when short)."""
+    decay = 0.999 if steps >= 1500 else 0.99
     config = resolve_config("digits", [
-        "objective=flow_matching", "model.base_channels=16", f"training.steps={sizes.digits_steps}",
-        "training.batch_size=64", f"training.checkpoint_every={sizes.digits_steps}", "training.sample_every=0",
-        "training.log_every=100", f"training.ema.decay={decay}"], accepted_keys)
+        "objective=flow_matching", "objective.label_dropout=0.1", f"model.base_channels={channels}",
+        f"training.steps={steps}", "training.batch_size=64", f"training.checkpoint_every={steps}",
+        "training.sample_every=0", "training.log_every=100", f"training.ema.decay={decay}"], accepted_keys)
     run_training(config, run_dir, progress=False)
     return run_dir
 
 
-class _Model:
-    """A checkpoint ready to sample: network, transport, data shape, classes and the run's UCGM-S settings."""
+def train_digits_model(workdir: Path, sizes: QualitySizes) -> Path:
+    """The flow-matching digits run (16 base channels)."""
+    return _digits_run(workdir / "digits-multi-step", sizes.digits_steps, 16)
 
-    def __init__(self, run_dir: Path):
+
+def train_guidance_models(workdir: Path, sizes: QualitySizes) -> dict[str, tuple[Path, Path]]:
+    """Per dataset, the guided model's run and its guide's (smaller, fewer steps): the class-conditional GMM
+    (flow matching, label dropout 0.1) and the digits (the multi-step run is the guided model)."""
+    runs = {}
+    for name, steps, width in (("gmm-conditional", sizes.gmm_steps, 128),
+                               ("gmm-guide", sizes.guide_gmm_steps, GMM_GUIDE_WIDTH)):
+        config = resolve_config("gmm", ["objective=flow_matching", "objective.label_dropout=0.1",
+                                        f"model.hidden={width}", f"training.steps={steps}",
+                                        f"training.checkpoint_every={steps}", "training.log_every=100"], accepted_keys)
+        run_training(config, workdir / name, progress=False)
+        runs[name] = workdir / name
+    digits_guide = _digits_run(workdir / "digits-guide", sizes.guide_digits_steps, DIGITS_GUIDE_CHANNELS)
+    return {"gmm": (runs["gmm-conditional"], runs["gmm-guide"]), "digits": (workdir / "digits-multi-step",
+                                                                           digits_guide)}
+
+
+class _Model:
+    """A checkpoint ready to sample: network, transport, data shape, classes, the run's UCGM-S settings and the
+    number of samples ``num`` it is measured with."""
+
+    def __init__(self, run_dir: Path, num: int):
         loaded = load_checkpoint_model(run_dir)
+        self.num = num
         self.network, self.transport = loaded.model, loaded.transport
         self.shape = loaded.info.data_shape
         self.num_classes = loaded.info.num_classes or 0
@@ -145,29 +185,30 @@ class _Model:
 
 
 def comparison_samplers() -> dict[str, tuple[str, dict]]:
-    """UCGM-S with official defaults and the baselines available here, by label: ``(registry name, settings)``."""
+    """The UCGM-S samplers and the baselines available here, by label: ``(registry name, settings)``."""
     available = set(available_sampler_names())
-    samplers = {UCGM_DEFAULTS: ("ucgm", {})}
-    samplers.update({label: (name, {}) for label, name in BASELINE_SAMPLERS.items() if name in available})
-    return samplers
+    return {label: (name, {}) for label, name in COMPARED_SAMPLERS.items() if name in available}
 
 
 def _record(dataset: str, model: str, sampler: str, nfe: int, budget: int, metric: str, value: float,
-            settings: dict) -> dict:
+            settings: dict, name: str = "") -> dict:
+    """A record; UCGM-S records (registry ``name``) hold the settings they ran with, the defaults included."""
+    effective = ucgm_settings(name, settings) if name in UCGM_SAMPLERS else settings
     return {"dataset": dataset, "model": model, "sampler": sampler, "nfe": nfe, "metric": metric, "value": value,
-            "budget": budget, "settings": jsonable_settings(settings)}
+            "budget": budget, "settings": jsonable_settings(effective)}
 
 
 def search_ucgm(model: _Model, nfe: int, search: EvaluationSet, heldout: EvaluationSet,
                 sizes: QualitySizes) -> dict:
-    """The searched UCGM-S settings at ``nfe``: for each gap choice a Kumaraswamy-warp and kappa search on the
-    search set; the gaps whose search value is lower win. Returns the winner's settings and every search report."""
+    """The searched settings of the official UCGM-S at ``nfe``: for each gap choice a Kumaraswamy-warp and kappa
+    search on the search set; the gaps whose search value is lower win. Returns the winner's settings and every
+    search report."""
     evolution = EvolutionSettings(population=sizes.search_population, generations=sizes.search_generations,
                                   elite=max(1, sizes.search_population // 4))
     reports = {}
     for gaps in SEARCH_GAPS:
         report = search_kumaraswamy(model.network, model.transport, nfe, search, heldout, evolution,
-                                    base_settings={"gaps": gaps})
+                                    sampler=UCGM_OFFICIAL, base_settings={"gaps": gaps})
         reports[str(list(gaps))] = {key: report[key] for key in ("best", "search_value", "default_search_value",
                                                                  "heldout_value", "default_heldout_value")}
         reports[str(list(gaps))]["gaps"] = list(gaps)
@@ -232,74 +273,115 @@ def search_few_step_settings(model: _Model, search: EvaluationSet) -> dict:
     return {**model.run_settings, "stochasticity": stochasticity, "gaps": (0.001, end_gap)}
 
 
-def gmm_quality(multi_dir: Path, few_dir: Path, sizes: QualitySizes) -> tuple[list[dict], dict, dict]:
-    """GMM records, the few-vs-multi ratio and the details (floor, searches, paired NFE-8 comparison)."""
-    multi, few = _Model(multi_dir), _Model(few_dir)
-    setting = _GmmSetting(sizes, tuple(multi.shape))
-    metric = setting.metric
+def match_euler(model: _Model, score, higher_is_better: bool = False) -> dict:
+    """The smallest NFE of :data:`MATCH_NFES` at which ``ucgm`` is at least as good as Euler at 250 NFE."""
+    reference = score(model.sample(REFERENCE_SAMPLER, {}, REFERENCE_NFE, model.num)[0])
+    found = smallest_matching_nfe(lambda nfe: score(model.sample("ucgm", {}, nfe, model.num)[0]), reference,
+                                  MATCH_NFES, higher_is_better)
+    return {**found, "reference_sampler": REFERENCE_SAMPLER, "reference_nfe": REFERENCE_NFE, "sampler": "ucgm"}
+
+
+def _table_records(dataset: str, model: _Model, metric_name: str, score) -> list[dict]:
+    """Every comparison sampler at every NFE of :data:`QUALITY_NFES` on the multi-step model."""
     records = []
     for label, (name, settings) in comparison_samplers().items():
         for nfe in QUALITY_NFES:
-            samples, spent = multi.sample(name, settings, nfe, sizes.num_gmm)
-            records.append(_record("gmm", MULTI_STEP, label, spent, nfe, "sliced_w2", metric(samples), settings))
+            samples, spent = model.sample(name, settings, nfe, model.num)
+            records.append(_record(dataset, MULTI_STEP, label, spent, nfe, metric_name, score(samples), settings,
+                                   name))
+    return records
+
+
+def gmm_quality(multi_dir: Path, few_dir: Path, sizes: QualitySizes) -> tuple[list[dict], dict, dict]:
+    """GMM records, the few-vs-multi ratio and the details (floor, searches, paired NFE-8 comparison, the NFE at
+    which ``ucgm`` matches Euler at 250)."""
+    multi, few = _Model(multi_dir, sizes.num_gmm), _Model(few_dir, sizes.num_gmm)
+    setting = _GmmSetting(sizes, tuple(multi.shape))
+    metric = setting.metric
+    records = _table_records("gmm", multi, "sliced_w2", metric)
     searches = {}
     for nfe in QUALITY_NFES:
         found = search_ucgm(multi, nfe, setting.search, setting.heldout, sizes)
         searches[nfe] = {**found, "settings": jsonable_settings(found["settings"])}
-        samples, spent = multi.sample("ucgm", found["settings"], nfe, sizes.num_gmm)
+        samples, spent = multi.sample(UCGM_OFFICIAL, found["settings"], nfe, sizes.num_gmm)
         records.append(_record("gmm", MULTI_STEP, UCGM_SEARCHED, spent, nfe, "sliced_w2", metric(samples),
-                               found["settings"]))
-    paired = paired_comparison(multi, {UCGM_SEARCHED: ("ucgm", searches[COMPARISON_NFE]["settings"]),
-                                       UCGM_DEFAULTS: ("ucgm", {}), "euler": ("euler", {})}, metric, sizes)
+                               found["settings"], UCGM_OFFICIAL))
+    paired = paired_comparison(multi, {UCGM_SEARCHED: (UCGM_OFFICIAL, searches[COMPARISON_NFE]["settings"]),
+                                       UCGM_DEFAULTS: ("ucgm", {}), UCGM_OFFICIAL: (UCGM_OFFICIAL, {}),
+                                       "euler": ("euler", {})}, metric, sizes)
     few_records = {}
     for label, settings in ((UCGM_TUNED, few.run_settings),
                             (UCGM_TUNED_SEARCHED, search_few_step_settings(few, setting.search))):
         samples, spent = few.sample("ucgm", settings, FEW_STEP_NFE, sizes.num_gmm)
         few_records[label] = _record("gmm", FEW_STEP, label, spent, FEW_STEP_NFE, "sliced_w2", metric(samples),
-                                     settings)
+                                     settings, "ucgm")
     samples, spent = multi.sample("ucgm", {}, MULTI_STEP_NFE, sizes.num_gmm)
-    multi_record = _record("gmm", MULTI_STEP, UCGM_DEFAULTS, spent, MULTI_STEP_NFE, "sliced_w2", metric(samples), {})
+    multi_record = _record("gmm", MULTI_STEP, UCGM_DEFAULTS, spent, MULTI_STEP_NFE, "sliced_w2", metric(samples), {},
+                           "ucgm")
     records += [*few_records.values(), multi_record]
-    few_record = few_records[UCGM_TUNED_SEARCHED]
+    few_record = few_records[UCGM_TUNED]
     ratio = few_record["value"] / multi_record["value"]
     few_vs_multi = {"ratio": ratio, "few_step": few_record["value"], "multi_step": multi_record["value"],
                     "few_step_nfe": FEW_STEP_NFE, "multi_step_nfe": MULTI_STEP_NFE, "target": FEW_VS_MULTI_TARGET,
                     "met": ratio <= FEW_VS_MULTI_TARGET, "few_step_settings": few_record["settings"],
-                    "ratio_with_run_settings": few_records[UCGM_TUNED]["value"] / multi_record["value"],
-                    "run_settings": few_records[UCGM_TUNED]["settings"]}
-    details = {"floor": setting.floor(), "searches": searches, "paired_nfe8": paired}
+                    "ratio_with_searched_settings": few_records[UCGM_TUNED_SEARCHED]["value"] / multi_record["value"],
+                    "searched_settings": few_records[UCGM_TUNED_SEARCHED]["settings"]}
+    details = {"floor": setting.floor(), "searches": searches, "paired_nfe8": paired,
+               "match_euler": match_euler(multi, metric)}
     return records, few_vs_multi, details
 
 
 def digits_quality(run_dir: Path, sizes: QualitySizes) -> tuple[list[dict], dict]:
-    """Digits FD records of the comparison samplers, and the floor (training-split digits vs held-out)."""
+    """Digits FD records of the comparison samplers, the floor (training-split digits vs held-out) and the NFE at
+    which ``ucgm`` matches Euler at 250."""
     from ..data.digits import DIGITS_NORMALISATION, load_digits_split
     from ..metrics.digits_fd import digits_frechet_distance
 
-    model = _Model(run_dir)
-    records = []
-    for label, (name, settings) in comparison_samplers().items():
-        for nfe in QUALITY_NFES:
-            samples, spent = model.sample(name, settings, nfe, sizes.num_digits)
-            records.append(_record("digits", MULTI_STEP, label, spent, nfe, "digits_fd",
-                                   digits_frechet_distance(samples)["value"], settings))
+    def score(samples: Tensor) -> float:
+        return digits_frechet_distance(samples)["value"]
+
+    model = _Model(run_dir, sizes.num_digits)
+    records = _table_records("digits", model, "digits_fd", score)
     train_digits = DIGITS_NORMALISATION.normalise(load_digits_split("train")[0])[:sizes.num_digits]
     floor = digits_frechet_distance(train_digits)
-    return records, {"floor": floor["value"], "protocol": floor["protocol"]}
+    return records, {"floor": floor["value"], "protocol": floor["protocol"], "match_euler": match_euler(model, score)}
+
+
+def guidance_quality(runs: dict[str, tuple[Path, Path]], sizes: QualitySizes) -> list[dict]:
+    """CFG and autoguidance records on the conditional GMM and the digits (:mod:`ucgm.bench.guidance`)."""
+    from ..data.digits import DIGITS_NORMALISATION, load_digits_split
+
+    mixture = make_mixture("8gaussians")
+    reference, reference_labels = mixture.sample(sizes.num_reference, torch.Generator().manual_seed(REFERENCE_SEED))
+    digits, digit_labels = load_digits_split("all")
+    measures = {"gmm": class_metrics(reference, reference_labels, mixture_coverage(mixture)),
+                "digits": class_metrics(DIGITS_NORMALISATION.normalise(digits).reshape(digits.shape[0], -1),
+                                        digit_labels, digits_class_accuracy)}
+    counts = {"gmm": sizes.num_guidance, "digits": sizes.num_digits}
+    records = []
+    for dataset, (model_dir, guide_dir) in runs.items():
+        model, guide = _Model(model_dir, counts[dataset]), _Model(guide_dir, counts[dataset])
+        records += guidance_records(dataset, model.network, guide.network, model.transport, tuple(model.shape),
+                                    model.num_classes, counts[dataset], measures[dataset])
+    return records
 
 
 def run_quality(sizes: QualitySizes) -> dict:
-    """Train (in a temporary directory), sample and measure; returns the ``quality``, ``few_vs_multi`` and
-    ``quality_details`` keys."""
+    """Train (in a temporary directory), sample and measure; returns the ``quality``, ``few_vs_multi``,
+    ``few_vs_multi_details``, ``ucgm_vs_euler_250``, ``guidance`` and ``quality_details`` keys."""
     with tempfile.TemporaryDirectory(prefix="ucgm-bench-quality-") as temporary:
         started = time.perf_counter()
         multi_dir, few_dir = train_gmm_models(Path(temporary), sizes)
         digits_dir = train_digits_model(Path(temporary), sizes)
+        guidance_runs = train_guidance_models(Path(temporary), sizes)
         trained = time.perf_counter()
         gmm_records, few_vs_multi, gmm_details = gmm_quality(multi_dir, few_dir, sizes)
         digits_records, digits_details = digits_quality(digits_dir, sizes)
+        guidance = guidance_quality(guidance_runs, sizes)
     details = {"sizes": asdict(sizes), "gmm": gmm_details, "digits": digits_details,
                "training_seconds": round(trained - started, 1),
                "evaluation_seconds": round(time.perf_counter() - trained, 1)}
+    match = {dataset: details[dataset]["match_euler"]["smallest_nfe"] for dataset in ("gmm", "digits")}
     return {"quality": gmm_records + digits_records, "few_vs_multi": few_vs_multi["ratio"],
-            "few_vs_multi_details": few_vs_multi, "quality_details": details}
+            "few_vs_multi_details": few_vs_multi, "ucgm_vs_euler_250": match, "guidance": guidance,
+            "quality_details": details}
