@@ -150,13 +150,14 @@ def sigkill_trial(run_dir: Path, command: list[str], expected: list[dict], durin
 
     killed = _kill_when(process, ready)
     writing = killed and _writing_checkpoint(run_dir)
+    kill_step = logged() if killed else None
     resumed = subprocess.run(command, env=cli_environment(), capture_output=True, text=True, timeout=600)
     said = ("resuming from the previous complete checkpoint" in resumed.stderr
             or (not complete_checkpoints(run_dir) and "starting from step 0" in resumed.stderr)
             or "no resumable checkpoint" in resumed.stderr)
     remaining = leftovers(run_dir)
     exact = resumed.returncode == 0 and comparable(read_stats(run_dir / "stats.jsonl")) == expected and not remaining
-    return {"killed": killed, "kill_step": logged() if killed else None, "during_checkpoint_write": writing,
+    return {"killed": killed, "kill_step": kill_step, "during_checkpoint_write": writing,
             "said_previous": writing and said, "exact": exact, "leftovers": remaining,
             "returncode": resumed.returncode, "stderr_tail": resumed.stderr[-400:] if resumed.returncode else ""}
 
