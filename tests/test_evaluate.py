@@ -91,6 +91,25 @@ def test_sampler_settings_syntax_and_run_settings(gmm_run, tmp_path):
     assert next(record for record in records if record["sampler"] == "euler")["settings"] == {}
 
 
+def test_match_euler_finds_the_first_budget_as_good_as_euler_at_250(gmm_run, tmp_path):
+    assert _evaluate(gmm_run, tmp_path, "--nfe", "4", "--sampler", "euler", "--match-euler") == 0
+    match = json.loads((tmp_path / "nfe_match.json").read_text())
+    assert (match["sampler"], match["reference_sampler"], match["reference_nfe"], match["metric"]) == (
+        "ucgm", "euler", 250, "sliced_w2")
+    values = {int(nfe): value for nfe, value in match["values"].items()}
+    found = match["smallest_nfe"]
+    if found is None:  # every scanned budget is worse than the reference
+        assert min(values.values()) > match["reference_value"] and max(values) == 250
+    else:  # the scan stops at the first budget as good as the reference; every smaller one is worse
+        assert values[found] <= match["reference_value"] and max(values) == found
+        assert all(value > match["reference_value"] for nfe, value in values.items() if nfe < found)
+    # the reference value is Euler's at 250 NFE on the same noise, as the records of a plain evaluation give it
+    assert _evaluate(gmm_run, tmp_path / "euler", "--nfe", "250", "--sampler", "euler") == 0
+    euler = json.loads((tmp_path / "euler" / "metrics.json").read_text())
+    assert match["reference_value"] == find_value(euler, sampler="euler", budget=250, metric="sliced_w2")
+    assert "matches Euler at 250 NFE" in (tmp_path / "metrics.md").read_text()
+
+
 def test_cli_dispatch_and_clear_errors(gmm_run, tmp_path, capsys, monkeypatch):
     assert cli_main(["evaluate", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -31,3 +31,12 @@ def smallest_matching_nfe(score: Callable[[int], float], reference_value: float,
             found = nfe
             break
     return {"smallest_nfe": found, "values": values, "reference_value": float(reference_value)}
+
+
+def match_reference(score: Callable[[str, int], float], sampler: str = "ucgm", nfes: Sequence[int] = DEFAULT_SCAN,
+                    higher_is_better: bool = False) -> dict:
+    """:func:`smallest_matching_nfe` of ``sampler`` against :data:`REFERENCE_SAMPLER` at :data:`REFERENCE_NFE`,
+    with ``score(sampler_name, nfe)`` the metric of that sampler's samples; the result also names both samplers."""
+    reference = score(REFERENCE_SAMPLER, REFERENCE_NFE)
+    found = smallest_matching_nfe(lambda nfe: score(sampler, nfe), reference, nfes, higher_is_better)
+    return {**found, "sampler": sampler, "reference_sampler": REFERENCE_SAMPLER, "reference_nfe": REFERENCE_NFE}

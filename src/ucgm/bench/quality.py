@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from ..analysis import EvaluationSet, EvolutionSettings, search_kumaraswamy
-from ..analysis.nfe_match import REFERENCE_NFE, REFERENCE_SAMPLER, smallest_matching_nfe
+from ..analysis.nfe_match import match_reference
 from ..data.mixtures import make_mixture
 from ..analysis.reports import draw_samples, jsonable_settings, run_ucgm_settings
 from ..metrics.suites import REFERENCE_SEED, SlicedW2Against
@@ -275,10 +275,8 @@ def search_few_step_settings(model: _Model, search: EvaluationSet) -> dict:
 
 def match_euler(model: _Model, score, higher_is_better: bool = False) -> dict:
     """The smallest NFE of :data:`MATCH_NFES` at which ``ucgm`` is at least as good as Euler at 250 NFE."""
-    reference = score(model.sample(REFERENCE_SAMPLER, {}, REFERENCE_NFE, model.num)[0])
-    found = smallest_matching_nfe(lambda nfe: score(model.sample("ucgm", {}, nfe, model.num)[0]), reference,
-                                  MATCH_NFES, higher_is_better)
-    return {**found, "reference_sampler": REFERENCE_SAMPLER, "reference_nfe": REFERENCE_NFE, "sampler": "ucgm"}
+    return match_reference(lambda name, nfe: score(model.sample(name, {}, nfe, model.num)[0]), "ucgm", MATCH_NFES,
+                           higher_is_better)
 
 
 def _table_records(dataset: str, model: _Model, metric_name: str, score) -> list[dict]:

@@ -11,7 +11,10 @@ Samplers: ``--sampler NAME[:KEY=VALUE[:KEY=VALUE ...]],...`` (default: the run's
 run's own ``sampling`` settings (stochasticity, extrapolation, time_warp, gaps: a tuned few-step run samples as it
 was tuned to), which the spec's settings override; the records hold the effective settings. ``--schedule DIR``
 evaluates a schedule found by ``ucgm search`` (its sampler, times and skipped blocks) at its NFE, labelled
-``schedule:DIR``, next to the ``--sampler`` ones.
+``schedule:DIR``, next to the ``--sampler`` ones. ``--match-euler`` also writes ``DIR/nfe_match.json``: the
+smallest NFE at which ``ucgm`` (the run's settings) is at least as good as Euler at 250 NFE on the suite's first
+metric (:func:`ucgm.analysis.nfe_match.match_reference`; keys ``smallest_nfe``, ``values``, ``reference_value``,
+``metric``, ...), also stated in ``metrics.md``.
 
 Metrics (see :mod:`ucgm.metrics.suites`): 2-D mixtures: sliced W2 against the exact mixture, mode statistics and
 exact mean log-likelihood; digits: digits FD; other data: sliced W2 and MMD against the run's data (or the data
@@ -44,6 +47,7 @@ from ..analysis.reports import (
     plot_nfe_quality,
     run_ucgm_settings,
 )
+from ..analysis.nfe_match import REFERENCE_SAMPLER, match_reference
 from ..metrics.fid import DINOv2Features, InceptionFeatures, MissingWeightsError
 from ..metrics.suites import FeatureDistance, MetricSuite, build_metric_suite
 from ..sampling.registry import get_sampler
@@ -120,6 +124,26 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, specs: Sequence[SamplerSpec], 
     return records
 
 
+def match_euler(loaded: LoadedCheckpoint, suite: MetricSuite, num: int, seed: int, batch_size: int,
+                device: torch.device | str = "cpu") -> dict:
+    """The smallest NFE at which ``ucgm`` with the run's settings is at least as good as Euler at 250 NFE on the
+    suite's first metric (lower is better), same seeded noise for every budget."""
+    info = loaded.info
+    settings = {"ucgm": effective_settings(SamplerSpec("ucgm", "ucgm", {}), run_ucgm_settings(loaded.config)),
+                REFERENCE_SAMPLER: {}}
+    metric_names = []
+
+    def score(name: str, nfe: int) -> float:
+        drawn = draw_samples(loaded.model, loaded.transport, get_sampler(name, settings[name]), nfe, info.data_shape,
+                             info.num_classes or 0, num, seed, batch_size, device, name)
+        first = suite.evaluate(drawn.samples, drawn.labels)[0]
+        metric_names.append(first.metric)
+        return first.value
+
+    found = match_reference(score, "ucgm")
+    return {**found, "metric": metric_names[0], "settings": jsonable_settings(settings["ucgm"])}
+
+
 def render_markdown(records: Sequence[dict], header: dict) -> str:
     """The tables with a header naming the checkpoint, the protocol and the command."""
     lines = ["# ucgm evaluate", "",
@@ -183,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dinov2-repo", help="local facebookresearch/dinov2 clone (default $UCGM_DINOV2_REPO)")
     parser.add_argument("--dinov2-weights", help="dinov2_vitl14_pretrain.pth (default $UCGM_DINOV2_WEIGHTS)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument("--match-euler", action="store_true",
+                        help="also find the smallest NFE at which ucgm matches Euler at 250 NFE (nfe_match.json)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on a terminal, else a plain line every few seconds (default); "
                              "--no-progress: neither")
@@ -212,13 +238,22 @@ def run_evaluate(args: argparse.Namespace, command: str) -> list[dict]:
     model_name = args.model_name or default_model_name(args.checkpoint)
     records = evaluate_checkpoint(loaded, specs, nfes, suite, args.num, args.seed, args.batch_size, model_name,
                                   args.weights, args.device, progress)
+    match = match_euler(loaded, suite, args.num, args.seed, args.batch_size, args.device) if args.match_euler else None
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "metrics.json", json.dumps(records, indent=2) + "\n")
+    if match is not None:
+        atomic_write_text(args.out / "nfe_match.json", json.dumps(match, indent=2) + "\n")
     plot_nfe_quality(records, args.out / "nfe_quality.png")
     header = {"checkpoint": str(loaded.info.path), "step": loaded.info.step, "weights": args.weights, "num": args.num,
               "seed": args.seed, "seconds": time.perf_counter() - started,
               "command": command}
-    atomic_write_text(args.out / "metrics.md", render_markdown(records, header))
+    text = render_markdown(records, header)
+    if match is not None:
+        found = match["smallest_nfe"]
+        text += (f"\nSmallest NFE at which `ucgm` matches Euler at {match['reference_nfe']} NFE ({match['metric']} "
+                 f"{match['reference_value']:.4g}): **{'none scanned' if found is None else found}** "
+                 f"(scanned: {json.dumps(match['values'])}).\n")
+    atomic_write_text(args.out / "metrics.md", text)
     return records
 
 
