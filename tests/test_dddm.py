@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from training_fixtures import tiny_gmm_config
 
+from ucgm.bench.throughput import like_for_like, make_trainer, trainer_block, training_setup
 from ucgm.data import build_dataset
 from ucgm.data.base import FiniteDataset
 from ucgm.methods.base import Batch, Networks
@@ -161,3 +163,12 @@ def test_a_fixed_mixture_training_set_has_indices_and_is_reproducible():
     assert unconditional.batch(torch.tensor([0]))[1] is None
     with pytest.raises(ValueError, match="num_samples"):
         build_dataset({"name": "mixture", "num_samples": 0})
+
+
+def test_the_timing_benches_feed_an_indexed_dataset_with_its_indices():
+    """The trainer-step timing (``ucgm bench``'s step costs) runs DDDM on the run's first shards, indices included."""
+    config = like_for_like(tiny_gmm_config("objective=dddm", "data.num_samples=64"))
+    setup = training_setup(config, num_batches=2)
+    data, _, indices = setup.batches[1]
+    torch.testing.assert_close(data, build_dataset(config.values["data"]).batch(indices)[0])
+    trainer_block(make_trainer(setup.config, setup.model, setup.batches), 2)()

@@ -12,7 +12,7 @@ from ..methods.base import Objective
 
 
 def minimal_training_loop(model: nn.Module, objective: Objective,
-                          batches: Sequence[tuple[Tensor, Optional[Tensor]]], steps: int, lr: float) -> Tensor:
+                          batches: Sequence[tuple[Optional[Tensor], ...]], steps: int, lr: float) -> Tensor:
     """``steps`` AdamW steps of ``objective`` on ``batches`` (used in turn); returns the per-step losses.
 
     No EMA, clipping, warm-up, seeding or logging: the objective draws from the global RNG. The objective's
@@ -24,7 +24,7 @@ def minimal_training_loop(model: nn.Module, objective: Objective,
     reference = copy.deepcopy(model).requires_grad_(False) if mode in ("ema", "frozen") else None
     losses = []
     for step in range(steps):
-        data, labels = batches[step % len(batches)]
+        data, labels, *_ = batches[step % len(batches)]  # (data, labels) or (data, labels, indices)
         objective.set_progress(step, steps)
         if mode == "ema":
             with torch.no_grad():

@@ -18,12 +18,12 @@ from typing import Callable, Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ..training.batches import CycledBatches
+from ..training.batches import CycledBatches, draw_shard
 from ..cli.components import build_dataset, build_method, build_model, build_run_networks, with_data_defaults
 from ..cli.config import apply_overrides, as_run_config, parse_run_config
 from ..training.loop import Trainer
 from ..cli.schema import RunConfig
-from ..seeding import DATA_STREAM, INIT_STREAM, derive_seed, seed_global_rngs
+from ..seeding import INIT_STREAM, derive_seed, seed_global_rngs
 
 #: Overrides that reduce the trainer to what a minimal loop does (``training.device`` pinned to the CPU), with
 #: ``torch.optim.AdamW``'s default hyper-parameters (those of the minimal loop's optimizer; only the lr is kept).
@@ -65,7 +65,7 @@ class TrainingSetup(NamedTuple):
 
 def training_setup(config: RunConfig | dict, num_batches: int = NUM_BATCHES) -> TrainingSetup:
     """The model of ``config`` initialised as a run would initialise it, and ``num_batches`` batches of
-    ``training.batch_size`` drawn from its dataset (seeded by the run seed)."""
+    ``training.batch_size``: the run's first shards (:func:`~ucgm.training.batches.draw_shard`)."""
     config = as_run_config(config)
     training = config.training
     dataset = build_dataset(config)
@@ -73,8 +73,9 @@ def training_setup(config: RunConfig | dict, num_batches: int = NUM_BATCHES) -> 
     seed_global_rngs(derive_seed(training.seed, INIT_STREAM), torch.device("cpu"))
     method = build_method(config)
     model = build_model(config, method.networks()[method.sampling_role])  # with the conditions it declares
-    generator = torch.Generator().manual_seed(derive_seed(training.seed, DATA_STREAM))
-    batches = [dataset.sample_batch(training.batch_size, generator) for _ in range(num_batches)]
+    generator = torch.Generator()
+    batches = [draw_shard(dataset, training.seed, (step, 0), training.batch_size, generator)
+               for step in range(num_batches)]  # the run's first batches, with indices for indexed datasets
     return TrainingSetup(config, model, batches)
 
 

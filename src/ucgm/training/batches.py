@@ -145,7 +145,8 @@ class CycledBatches:
     """Fixed, ready-made batches used in turn (``step * shards + shard`` modulo their number, then ``+ slot``); for
     benchmarks that feed the trainer and a hand-written loop the same tensors."""
 
-    def __init__(self, batches: Sequence[tuple[Tensor, Optional[Tensor]]], shards_per_step: int = 1):
+    def __init__(self, batches: Sequence[tuple[Optional[Tensor], ...]], shards_per_step: int = 1):
+        """``batches``: ``(data, labels)`` or ``(data, labels, indices)`` (dataset indices, for indexed datasets)."""
         if not batches:
             raise ValueError("CycledBatches needs at least one (data, labels) batch")
         self.batches = list(batches)
@@ -155,10 +156,10 @@ class CycledBatches:
                     ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         step, shard, *slot = coordinates
         index = (step * self.shards_per_step + shard + sum(slot)) % len(self.batches)
-        data, labels = self.batches[index]
+        data, labels, *indices = self.batches[index]
         if data.shape[0] != size:
             raise ValueError(f"ready-made batch has {data.shape[0]} samples; the trainer expects shards of {size}")
-        return data, labels, None
+        return data, labels, indices[0] if indices else None
 
 
 class ShardPlan:
