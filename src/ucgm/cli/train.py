@@ -253,7 +253,8 @@ def _train(config: RunConfig, run_dir: Path, context: DistributedContext, progre
                                                          allow_changes)
     resumed_threads = read_checkpoint_info(latest).run.get("threads") if latest is not None else None
     threads = choose_threads(training.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), resumed_threads)
-    messages.append(f"{threads.threads} intra-op thread(s) per process ({threads.reason}; training.threads sets it)")
+    hint = "" if threads.reason == "training.threads" else "; training.threads sets it"
+    messages.append(f"{threads.threads} intra-op thread(s) per process ({threads.reason}{hint})")
     with intra_op_threads(threads.threads):
         trainer, build_messages = _build_trainer(config, dataset, latest, context)
         if context.is_main:
