@@ -155,6 +155,22 @@ def test_the_curriculum_halves_the_steps_in_equal_rounds_after_stage1():
     assert DistillationCurriculum(10, 0.5, 4, 4).round_end_steps() == [10]  # no rounds: stage 1 only
 
 
+def test_the_bench_raises_the_step_count_until_the_stage_ends_share_a_checkpoint_interval():
+    from ucgm.bench.guided_distillation import MAX_CHECKPOINTS, aligned_curriculum
+
+    def interval(curriculum: DistillationCurriculum) -> int:
+        return math.gcd(*curriculum.round_end_steps())
+
+    # 1500 steps end stages at 1275, 1312, 1350, ... (interval 1: a checkpoint every step); 1520 ends every 38
+    assert interval(DistillationCurriculum(1500, 0.85, 64, 1)) * MAX_CHECKPOINTS < 1500
+    raised = aligned_curriculum(1500, 0.85, 64, 1)
+    assert raised.total_steps == 1520 and raised.round_end_steps() == [1292, 1330, 1368, 1406, 1444, 1482, 1520]
+    assert all(interval(DistillationCurriculum(total, 0.85, 64, 1)) * MAX_CHECKPOINTS < total
+               for total in range(1500, 1520))  # the first aligned count
+    assert aligned_curriculum(3000, 0.85, 64, 1).total_steps == 3000 and interval(
+        aligned_curriculum(3000, 0.85, 64, 1)) == 75
+
+
 def test_bad_options_and_unconditional_data_are_clear_errors():
     with pytest.raises(ValueError, match="power of 2"):
         GuidedDistillation(teacher=ORACLE, teacher_steps=48, student_steps=4)

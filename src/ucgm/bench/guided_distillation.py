@@ -21,7 +21,8 @@ student and the 4-, 2- and 1-step students; each is loaded like ``ucgm sample`` 
   per-class, per-coordinate sample std; CFG narrows each class, the data's is 0.05).
 * ``digits``: a flow-matching teacher trained with label dropout 0.1 (the section's digits teacher has none, so its
   null label means nothing), ``digits_teacher_steps`` steps; the student starts from it (``init.checkpoint``) and
-  trains :data:`DIGITS_STEPS_PER_DMD2_STEP` times the section's ``digits_steps``. ``digits_fd`` of
+  trains :data:`DIGITS_STEPS_PER_DMD2_STEP` times the section's ``digits_steps`` (raised to the next step count
+  whose round ends align, :func:`aligned_curriculum`). ``digits_fd`` of
   ``guided_distillation`` (``ddim``, NFE 1, 2, 4) and of ``cfg_teacher`` (the teacher under
   ``ClassifierFreeGuidance(1 + w)``, ``ddim``, NFE 4 and 64).
 
@@ -64,9 +65,11 @@ TEACHER_NFE = 64
 STUDENT_NFES = (1, 2, 4)
 #: The noise seed of the teacher samples that ``sliced_w2_to_teacher`` compares against (the rows use seed 0).
 TEACHER_SEED = 1
-#: The digits student trains this many times the section's dmd2 ``digits_steps`` (1500 at the full size: the
-#: rounds 64 -> 1 need some steps each).
+#: The digits student trains about this many times the section's dmd2 ``digits_steps`` (1520 at the full size:
+#: the rounds 64 -> 1 need some steps each).
 DIGITS_STEPS_PER_DMD2_STEP = 5
+#: A student run writes at most this many checkpoints (its step count is raised until the stage ends align).
+MAX_CHECKPOINTS = 64
 
 
 def class_std(samples: Tensor, labels: Tensor) -> float:
@@ -74,16 +77,28 @@ def class_std(samples: Tensor, labels: Tensor) -> float:
     return statistics.fmean(float(samples[labels == label].std(dim=0).mean()) for label in labels.unique())
 
 
+def aligned_curriculum(steps: int, stage1_fraction: float, teacher_steps: int, student_steps: int
+                       ) -> DistillationCurriculum:
+    """The curriculum of the first step count ``T >= steps`` whose stage ends are multiples of one checkpoint
+    interval of at least ``T /`` :data:`MAX_CHECKPOINTS` (e.g. 1500 -> 1520 steps on the digits: ends 1292, 1330,
+    ..., 1520, every 38; 3000 stays, every 75)."""
+    total = steps
+    while True:
+        curriculum = DistillationCurriculum(total, stage1_fraction, teacher_steps, student_steps)
+        if math.gcd(*curriculum.round_end_steps()) * MAX_CHECKPOINTS >= total:
+            return curriculum
+        total += 1
+
+
 def train_students(preset: str, overrides: list[str], steps: int, run_dir: Path) -> dict[int, Path]:
-    """A ``student_steps=1`` run with a checkpoint at every round end: ``{student steps: checkpoint}`` (the stage-1
-    student under its ``teacher_steps``)."""
-    config = resolve_config(preset, [f"objective={METHOD}", "objective.student_steps=1", *overrides,
-                                     f"training.steps={steps}", f"training.log_every={steps}"], accepted_keys)
+    """A ``student_steps=1`` run of about ``steps`` steps (:func:`aligned_curriculum`) with a checkpoint at every
+    round end: ``{student steps: checkpoint}`` (the stage-1 student under its ``teacher_steps``)."""
+    config = resolve_config(preset, [f"objective={METHOD}", "objective.student_steps=1", *overrides], accepted_keys)
     method = method_from_config(config)
-    curriculum = DistillationCurriculum(steps, method.stage1_fraction, method.teacher_steps, method.student_steps)
-    ends = curriculum.round_end_steps()
+    curriculum = aligned_curriculum(steps, method.stage1_fraction, method.teacher_steps, method.student_steps)
+    ends, steps = curriculum.round_end_steps(), curriculum.total_steps
     every = math.gcd(*ends)
-    config["training"].update(checkpoint_every=every, keep_last=steps // every)
+    config["training"].update(steps=steps, log_every=steps, checkpoint_every=every, keep_last=steps // every)
     run_training(config, run_dir, progress=False)
     return {curriculum.stage_at(end - 1).student_steps: run_dir / "checkpoints" / f"step_{end:07d}"
             for end in ends}
