@@ -68,6 +68,8 @@ class FlowMapEntry:
     overrides: tuple[str, ...] = ()
     teacher_from: Optional[str] = None
     init_from: Optional[str] = None
+    #: The NFE budgets sampled (a sampler's smallest budget may exceed 1: CAF's one step is 2 NFE).
+    nfes: tuple[int, ...] = NFES
 
 
 #: GMM rows (add one entry per method).
@@ -77,7 +79,7 @@ GMM_ENTRIES: tuple[FlowMapEntry, ...] = (
     FlowMapEntry("meanflow"),
     FlowMapEntry("ayf"),
     FlowMapEntry("imm"),
-    FlowMapEntry("caf"),
+    FlowMapEntry("caf", nfes=tuple(nfe for nfe in NFES if nfe >= 2)),
     FlowMapEntry("dddm"),
 )
 #: Digits rows (at least meanflow, shortcut and one more).
@@ -121,14 +123,14 @@ def train_entries(preset: str, base: tuple[str, ...], entries: tuple[FlowMapEntr
 
 # -------------------------------------------------------------------------------------------- quality
 def quality_records(dataset: str, method: str, run_dir: Path, metric_name: str, metric: Callable[[Tensor], float],
-                    num: int) -> list[dict]:
-    """``{dataset, method, sampler, nfe, metric, value}`` of the run's own sampler at every NFE of :data:`NFES`
+                    num: int, nfes: tuple[int, ...] = NFES) -> list[dict]:
+    """``{dataset, method, sampler, nfe, metric, value}`` of the run's own sampler at every NFE of ``nfes``
     (flow matching: Euler at :data:`REFERENCE_NFE`)."""
     loaded = load_checkpoint_model(run_dir)
     if method == FLOW_MATCHING:
         name, settings, budgets = REFERENCE_SAMPLER, {}, (REFERENCE_NFE,)
     else:
-        (name, settings), budgets = loaded.method.sampler(), NFES
+        (name, settings), budgets = loaded.method.sampler(), nfes
     sampler = get_sampler(name, settings)
     records = []
     for nfe in budgets:
@@ -181,8 +183,10 @@ def benchmark_dataset(dataset: str, preset: str, base: tuple[str, ...], entries:
     """Train, time and sample one dataset: records, step costs by method, details."""
     run_dirs, seconds = train_entries(preset, base, entries, steps, workdir)
     costs, fm_step_seconds = step_costs(run_dirs, sizes)
+    budgets = {entry.method: entry.nfes for entry in entries}
     records = [record for method, run_dir in run_dirs.items()
-               for record in quality_records(dataset, method, run_dir, metric_name, metric, num)]
+               for record in quality_records(dataset, method, run_dir, metric_name, metric, num,
+                                             budgets.get(method, NFES))]
     return records, costs, {"steps": steps, "num_samples": num, "train_seconds": seconds,
                             "flow_matching_step_seconds": fm_step_seconds, "overrides": list(base),
                             "entries": [asdict(entry) for entry in entries]}
