@@ -144,11 +144,6 @@ def parse_run_config(config: dict) -> RunConfig:
     return RunConfig(values=config, **sections)
 
 
-def validate_config(config: dict) -> dict:
-    """Check a complete config; returns it unchanged or raises :class:`ConfigError` naming the bad key."""
-    return parse_run_config(config).values
-
-
 def as_run_config(config: RunConfig | dict) -> RunConfig:
     """``config`` itself when parsed already, else the parsed resolved dict ``config``."""
     return config if isinstance(config, RunConfig) else parse_run_config(complete_config(config))

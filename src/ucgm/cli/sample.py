@@ -29,13 +29,15 @@ def load_checkpoint_model(checkpoint: Path | str, weights: str = "ema", device: 
                           overrides: Sequence[str] = ()) -> LoadedCheckpoint:
     """The sampling model of ``checkpoint`` (run dir, checkpoint dir or ``model.safetensors``) with its ``weights``
     (``ema`` falls back to ``model`` for networks without an EMA), its config adjusted by ``overrides``."""
+    return load_checkpoint_and_config(checkpoint, weights, device, overrides)[0]
+
+
+def load_checkpoint_and_config(checkpoint: Path | str, weights: str = "ema", device: torch.device | str = "cpu",
+                               overrides: Sequence[str] = ()) -> tuple[LoadedCheckpoint, RunConfig]:
+    """:func:`load_checkpoint_model` and the checkpoint's config (adjusted by ``overrides``), parsed once."""
     info = read_checkpoint_info(checkpoint)
-    return load_sampling_model(info.path, weights, device, checkpoint_run_config(info, overrides).values)
-
-
-def checkpoint_run_config(info: CheckpointInfo, overrides: Sequence[str] = ()) -> RunConfig:
-    """The config stored in checkpoint ``info``, adjusted by ``overrides``, parsed."""
-    return parse_run_config(complete_config(apply_overrides(complete_config(info.config), overrides)))
+    config = parse_run_config(complete_config(apply_overrides(complete_config(info.config), overrides)))
+    return load_sampling_model(info.path, weights, device, config.values), config
 
 
 def _denormaliser(info: CheckpointInfo):
@@ -71,10 +73,8 @@ def run_sampling(checkpoint: Path | str, outputs: Sequence[Path], overrides: Seq
             raise ValueError(f"--out {str(path)!r} is a directory; --out names a file "
                              f"({', '.join(OUTPUT_SUFFIXES)})")
     device = resolve_device(device)
-    info = read_checkpoint_info(checkpoint)
-    config = checkpoint_run_config(info, overrides)
-    loaded = load_sampling_model(info.path, weights, device, config.values)
-    settings = config.sampling
+    loaded, config = load_checkpoint_and_config(checkpoint, weights, device, overrides)
+    settings, info = config.sampling, loaded.info
     if info.data_shape is None:
         raise CheckpointError(f"{str(info.path)!r} does not record the data shape; cannot draw noise")
     bar = Progress("ucgm sample", settings.num, "sample", mode=progress)
