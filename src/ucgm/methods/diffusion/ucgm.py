@@ -20,6 +20,20 @@ tangent) runs under the same seeded dropout RNG (:func:`~ucgm.methods.base.share
 restores the online pass's RNG state before its tangent passes and its ``ft-vs-fe`` pass. Deviation: the
 ``fc-vs-xz`` reference pass shares it too (the official code draws fresh dropout masks there).
 
+Fast mode (``mode="fast"``, ucgm's own; the default ``mode="parity"`` is the official computation bit for bit):
+
+* lambda = 1, finite-difference tangent: one-sided, ``Delta = (X(t) - X(t - eps)) / eps``, whose upper point is the
+  online pass. Every enhanced pair ``(x*, z*)`` is an affine combination (weights summing to one) of pairs that each
+  satisfy ``alpha z + gamma x = x_t`` (the truth ``(x, z)`` and every prediction recovered at ``x_t``), so the
+  enhanced path ``x_r = alpha(r) z* + gamma(r) x*`` passes through ``x_t`` at ``r = t`` and ``X(t)`` there is the
+  online prediction itself (same input, labels and dropout masks). One tangent pass instead of two; the target
+  differs from the central difference by ``(eps / 2) X''(t)`` + O(eps^2) before the clamp.
+* Reference passes run only on the rows that read them (the conditional pass on the kept labels, the unconditional
+  one on rows in ``enhanced_range`` or dropped), under bfloat16 autocast; ``F`` is cast back to full precision
+  before ``(x_c, z_c)`` are recovered, so the identity above still holds. The enhanced target moves by bfloat16
+  rounding of the reference's output (about 2^-8 relative). With dropout in the reference network, a pass over a
+  subset of rows draws masks of its own shape.
+
 Argument names and the official ones:
 
 | ucgm | official UCGM |
@@ -47,7 +61,7 @@ import torch
 import torch.nn.functional as functional
 from torch import Tensor
 
-from ...transports import Transport, broadcast_time, make_transport
+from ...transports import Prediction, Transport, broadcast_time, make_transport
 from ...validation import check_batch, check_choice, check_finite, check_range
 from ..base import Objective, ObjectiveOutput, draw_noise, dropout_seed, resolve_null_label, shared_randomness, unwrap
 from ..base import drop_labels as drop_labels_with
@@ -63,6 +77,8 @@ REFERENCE_MODES = ("ema", "online", "frozen")
 TANGENT_WEIGHT_SCALE = 4.0
 TIME_WEIGHTINGS = (None, "cosine")
 TANGENTS = ("finite_difference", "jvp")
+#: ``parity``: the official passes, bit for bit; ``fast``: fewer passes, same target up to O(eps) (see the class).
+MODES = ("parity", "fast")
 
 #: Official UCGM argument names and their ucgm equivalents (``ema_decay_rate`` maps to ``reference``).
 OFFICIAL_NAMES = {
@@ -127,6 +143,34 @@ def _data_prediction_at(model: Callable, transport: Transport, data: Tensor, noi
         return transport.predict(model, transport.interpolate(data, noise, t), t, labels).data
 
 
+def _low_precision_prediction(model: Callable, transport: Transport, x_t: Tensor, t: Tensor,
+                              labels: Optional[Tensor], rows: Tensor,
+                              same_dropout: Callable[[], ContextManager]) -> Prediction:
+    """:func:`_bfloat16_prediction` computed on the rows where ``rows`` is true (one pass of that many rows), zeros
+    on the others."""
+    if bool(rows.all()):
+        return _bfloat16_prediction(model, transport, x_t, t, labels, same_dropout)
+    index = rows.nonzero().squeeze(1)
+    filled = [torch.zeros_like(x_t) for _ in Prediction._fields]
+    if index.numel():
+        part = _bfloat16_prediction(model, transport, x_t[index], t[index],
+                                    None if labels is None else labels[index], same_dropout)
+        for full, rows_part in zip(filled, part):
+            full.index_copy_(0, index, rows_part)
+    return Prediction(*filled)
+
+
+def _bfloat16_prediction(model: Callable, transport: Transport, x_t: Tensor, t: Tensor, labels: Optional[Tensor],
+                         same_dropout: Callable[[], ContextManager]) -> Prediction:
+    """The network output ``F`` at ``(x_t, t, labels)`` under bfloat16 autocast (and ``same_dropout``), cast back to
+    ``x_t``'s dtype before ``x_hat, z_hat`` are recovered, so that ``alpha z_hat + gamma x_hat = x_t`` holds at
+    ``x_t``'s precision."""
+    with same_dropout(), torch.autocast(x_t.device.type, dtype=torch.bfloat16):
+        output = transport.network_output(model, x_t, t, labels)
+    output = output.to(x_t.dtype)
+    return Prediction(output, *transport.recover(output, x_t, t))
+
+
 def tangent_weight(t: Tensor, half_pi: float) -> Tensor:
     """UCGM's weight of the clamped tangent in the consistency target, ``4 / sin(h t)``."""
     return TANGENT_WEIGHT_SCALE / torch.sin(t * half_pi)
@@ -157,7 +201,9 @@ class UCGMObjective(Objective):
         tangent: str = "finite_difference",
         tangent_clip: float = 1.0,
         half_pi: float = math.pi / 2,
+        mode: str = "parity",
     ):
+        check_choice("mode", mode, MODES)
         check_range("consistency_ratio", consistency_ratio, 0.0, 1.0)
         check_range("label_dropout", label_dropout, 0.0, 1.0)
         check_range("huber_constant", huber_constant, 0.0, math.inf)
@@ -198,6 +244,7 @@ class UCGMObjective(Objective):
         self.half_pi = float(half_pi)
         self.reference_decay = float(reference_decay)
         self.reference_mode = reference if self.enhanced_ratio != 0.0 else None
+        self.mode = mode
 
     @classmethod
     def from_official(cls, official: dict, **overrides) -> "UCGMObjective":
@@ -233,21 +280,25 @@ class UCGMObjective(Objective):
         return torch.where(dropped, (value + reference) * 0.5, conditional_mix)
 
     def _enhanced_predictions(self, model, reference_model, x_t, t, labels, null_label, online, data, noise,
-                              same_dropout):
-        """``(x_c, z_c), (x_u, z_u)`` of the chosen enhanced style, each reference pass under ``same_dropout``."""
+                              in_range, dropped, same_dropout):
+        """``(x_c, z_c), (x_u, z_u)`` of the chosen enhanced style, each reference pass under ``same_dropout``.
+        In ``fast`` mode a reference pass runs only on the rows :meth:`_enhance` reads from it (the conditional one
+        on the kept labels, the unconditional one in range or dropped) and holds zeros on the others."""
         transport = self.transport
         nulls = torch.full_like(labels, null_label)
 
-        def reference_prediction(conditioning):
+        def reference_prediction(conditioning, rows):
+            if self.mode == "fast":
+                return _low_precision_prediction(reference_model, transport, x_t, t, conditioning, rows, same_dropout)
             with same_dropout():
                 return transport.predict(reference_model, x_t, t, conditioning)
 
         if self.enhanced_style == "ft-vs-fe":
-            reference = reference_prediction(nulls)
+            reference = reference_prediction(nulls, in_range | dropped)
             return (online.data.detach(), online.noise.detach()), (reference.data, reference.noise)
-        conditional = reference_prediction(labels)
+        conditional = reference_prediction(labels, ~dropped)
         if self.enhanced_style == "fc-vs-fe":
-            unconditional = reference_prediction(nulls)
+            unconditional = reference_prediction(nulls, in_range | dropped)
             return (conditional.data, conditional.noise), (unconditional.data, unconditional.noise)
         return (conditional.data, conditional.noise), (data, noise)
 
@@ -306,11 +357,12 @@ class UCGMObjective(Objective):
                     if reference_model is None:
                         raise ValueError(f"enhanced_style={self.enhanced_style!r} needs a reference_model "
                                          f"({self.reference_mode} copy of the model)")
-                    (data_c, noise_c), (data_u, noise_u) = self._enhanced_predictions(
-                        model, reference_model, x_t, time, labels, null_label, online, data, noise, same_dropout)
                     low, high = self.enhanced_range
                     in_range = (time > low) & (time < high)
                     dropped = labels == null_label
+                    (data_c, noise_c), (data_u, noise_u) = self._enhanced_predictions(
+                        model, reference_model, x_t, time, labels, null_label, online, data, noise, in_range,
+                        dropped, same_dropout)
                     target_data = self._enhance(data, data_c, data_u, in_range, dropped)
                     target_noise = self._enhance(noise, noise_c, noise_u, in_range, dropped)
                     target = transport.target(target_data, target_noise, time)
@@ -326,11 +378,14 @@ class UCGMObjective(Objective):
     def _consistency_target(self, model, output, time, labels, data, noise, same_dropout) -> Tensor:
         """``T = F.detach() - (alpha / D) (4 / sin(h t)) clamp(Delta, -1, 1)`` (step 3)."""
         transport, online = self.transport, unwrap(model)
-        if self.consistency_ratio == 1.0:
+        one_sided = self.mode == "fast" and self.tangent == "finite_difference"
+        if self.consistency_ratio == 1.0 and not one_sided:
             delta = data_prediction_tangent(online, transport, data, noise, time, labels, self.tangent,
                                             self.finite_difference_step, same_dropout)
         else:
-            gap = time - self.consistency_ratio * time
+            # lambda < 1: the gap (1 - lambda) t; fast lambda = 1: the one-sided difference over eps, whose upper
+            # point X(t) is the online pass (the enhanced path passes through x_t, see the class docstring).
+            gap = self.finite_difference_step if self.consistency_ratio == 1.0 else time - self.consistency_ratio * time
             x_t = transport.interpolate(data, noise, time)
             current = transport.recover(output.detach(), x_t, time)[0]
             earlier = _data_prediction_at(online, transport, data, noise, time - gap, labels, same_dropout)
