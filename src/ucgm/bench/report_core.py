@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from . import register_section
-from .core import objective_cost, sampler_overhead
+from .core import FAST_MODE_KEY, FAST_MODE_SETTING, objective_cost, sampler_overhead
+from .fast_mode import FULL, QUICK, fast_mode_quality
 
 OBJECTIVE_TARGET = 1.03
 SAMPLER_TARGET = 1.03
+#: Fast-mode step time / parity-mode step time (issue 13).
+FAST_MODE_TARGET = 0.80
 
 
 def run(quick: bool) -> dict:
     ratios, details = objective_cost(quick)
     overhead, sampler_details = sampler_overhead(quick)
+    quality, quality_details = fast_mode_quality(QUICK if quick else FULL)
     return {"ucgm_t_vs_fm": ratios, "ucgm_t_vs_fm_details": details,
-            "sampler_overhead": overhead, "sampler_overhead_details": sampler_details}
+            "sampler_overhead": overhead, "sampler_overhead_details": sampler_details,
+            "fast_mode_quality": quality, "fast_mode_quality_details": quality_details}
 
 
 def _verdict(ok: bool) -> str:
@@ -31,15 +36,38 @@ def markdown(report: dict) -> str:
              "| setting | extra no-grad forward passes (batch units) | ratio | allowed | target |",
              "|---|---|---|---|---|"]
     for name, ratio in report["ucgm_t_vs_fm"].items():
+        if name == FAST_MODE_KEY:
+            continue
         extra = details["extra_forward_passes"][name]
         bound = OBJECTIVE_TARGET if extra == 0 else details["bounds"][name] * OBJECTIVE_TARGET
         lines.append(f"| {name} | {extra} | {ratio:.3f} | <= {bound:.3f} | {_verdict(ratio <= bound)} |")
+    lines += _fast_mode_lines(report)
     sampler = report["sampler_overhead"]
     nfe = report["sampler_overhead_details"]["nfe"]
     lines += ["", "## UCGM-S time / (NFE x bare forward)", "", "| order | NFE | ratio | target |", "|---|---|---|---|"]
     for name, ratio in sampler.items():
         lines.append(f"| {name} | {nfe[name]} | {ratio:.3f} | {_verdict(ratio <= SAMPLER_TARGET)} (<= {SAMPLER_TARGET}) |")
     return "\n".join(lines)
+
+
+def _fast_mode_lines(report: dict) -> list[str]:
+    """The fast mode's step time against the parity mode's and its 2-NFE quality against the parity run's."""
+    fast = report["ucgm_t_vs_fm"].get(FAST_MODE_KEY)
+    if fast is None:
+        return []
+    vs_fm = report["ucgm_t_vs_fm_details"].get("fast_mode_vs_fm", float("nan"))
+    lines = ["", f"Fast mode ({FAST_MODE_SETTING}, `objective.mode=fast`): step time / parity-mode step time "
+             f"**{fast:.3f}** (flow-matching step x {vs_fm:.3f}); target <= {FAST_MODE_TARGET}: "
+             f"{_verdict(fast <= FAST_MODE_TARGET)}."]
+    quality = report.get("fast_mode_quality")
+    if quality:
+        sizes = report["fast_mode_quality_details"]
+        lines += ["", f"2-NFE sliced W2 on the class-conditional GMM, the preset's tune recipe ({sizes['tune_steps']} "
+                  f"steps from a {sizes['base_steps']}-step base run, same seed) in each mode:", "",
+                  "| mode | sliced W2 |", "|---|---|"]
+        lines += [f"| {mode} | {value:.4f} |" for mode, value in quality.items()]
+        lines.append(f"\nfast <= parity: {_verdict(quality['fast'] <= quality['parity'])}")
+    return lines
 
 
 register_section("core", run, markdown)
