@@ -48,8 +48,11 @@ def test_markdown_reports_the_fast_mode_ratio_and_quality_with_verdicts():
                                        "extra_forward_passes": {"lambda=0": 0, "lambda=1+enhanced": 3}},
               "sampler_overhead": {"order1": 1.0}, "sampler_overhead_details": {"nfe": {"order1": 8}},
               "fast_mode_quality": {"parity": 0.06, "fast": 0.07},
-              "fast_mode_quality_details": {"base_steps": 3000, "tune_steps": 300}}
+              "fast_mode_quality_details": {"base_steps": 3000, "tune_steps": 300,
+                                            "floor": {"mean": 0.03, "std": 0.004}}}
     text = markdown(report)
     assert "| lambda=1+enhanced | 3 | 1.900 | <= 2.060 | met |" in text
     assert "step time / parity-mode step time **0.750** (flow-matching step x 1.425); target <= 0.8: met" in text
-    assert "| parity | 0.0600 |" in text and "| fast | 0.0700 |" in text and "fast <= parity: MISSED" in text
+    assert "| parity | 0.0600 |" in text and "| fast | 0.0700 |" in text
+    assert "| floor (exact samples) | 0.0300 +- 0.0040 |" in text
+    assert "fast <= parity + 2 floor std = 0.0680: MISSED" in text

@@ -7,10 +7,13 @@ same seed, through :func:`~ucgm.cli.train.run_training`. Each tuned run's EMA we
 (:func:`~ucgm.training.loading.load_checkpoint_model`, the path of ``ucgm sample``) are sampled by UCGM-S with the
 run's tuned settings at NFE 2 (:func:`ucgm.analysis.reports.draw_samples`, class labels drawn with the noise); the
 value is the sliced W2 (256 projections) of ``num_samples`` samples against ``num_reference`` exact mixture samples.
+The floor: the same metric of ``num_samples`` exact samples, over :data:`FLOOR_REPEATS` draws (mean and standard
+deviation); "equal" quality is fast <= parity + 2 floor standard deviations.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ from ..sampling.registry import get_sampler
 
 FEW_STEP_NFE = 2
 MODES = ("parity", "fast")
+FLOOR_REPEATS, FLOOR_SEED = 3, 1000
 
 
 @dataclass(frozen=True)
@@ -78,4 +82,7 @@ def fast_mode_quality(sizes: FastModeSizes) -> tuple[dict, dict]:
         runs = train_parity_and_fast(Path(workdir), sizes)
         values = {mode: few_step_sliced_w2(run_dir, metric, sizes.num_samples) for mode, run_dir in runs.items()}
         recipe = load_checkpoint_model(runs["fast"]).config["objective"]
-    return values, {**asdict(sizes), "nfe": FEW_STEP_NFE, "tuned_objective": recipe}
+    floors = [metric(mixture.sample(sizes.num_samples, torch.Generator().manual_seed(FLOOR_SEED + repeat))[0])
+              for repeat in range(FLOOR_REPEATS)]
+    floor = {"mean": statistics.fmean(floors), "std": statistics.pstdev(floors)}
+    return values, {**asdict(sizes), "nfe": FEW_STEP_NFE, "tuned_objective": recipe, "floor": floor}
