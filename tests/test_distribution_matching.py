@@ -274,3 +274,40 @@ def test_cosim_samples_any_number_of_steps_and_rejects_bad_sources():
         CoSIM(LINEAR, teacher="oracle:8gaussians", source_time_range=(0.0, 1.0))
     with pytest.raises(ValueError, match="a teacher is required"):
         DMD2(LINEAR)
+
+
+def test_fake_score_ema_is_declared_and_read_by_the_matching_gradient():
+    means = eight_gaussians().means
+    method = DMD2(LINEAR, teacher="oracle:8gaussians", fake_score_ema=0.9)
+    assert method.networks()["fake_score"].ema == {"kind": "constant", "decay": 0.9}
+    assert DMD2(LINEAR, teacher="oracle:8gaussians").networks()["fake_score"].ema == {"kind": "none"}
+    exact = OracleModel(GaussianMixture(means, 0.05), LINEAR)
+    shifted = OracleModel(GaussianMixture(means + 0.3, 0.05), LINEAR)
+    x = _generator_samples(means, 0.05, 512).float().requires_grad_(True)
+
+    def gradient(networks: Networks) -> torch.Tensor:
+        loss, _ = method.matching_loss(x, None, networks, torch.Generator().manual_seed(1))
+        return torch.autograd.grad(loss, x)[0]
+
+    # the generator equals the data: stationary under the (exact) EMA, not under the trained (shifted) network
+    assert gradient(Networks({"fake_score": shifted}, {}, {"fake_score": exact})).abs().max().item() < 1e-6
+    assert gradient(Networks({"fake_score": exact}, {}, {"fake_score": shifted})).abs().max().item() > 1e-4
+    with pytest.raises(ValueError, match="keeps no EMA"):
+        gradient(Networks({"fake_score": exact}))
+    for bad in (1.0, -0.1, "0.9"):
+        with pytest.raises(ValueError, match="fake_score_ema"):
+            DMD2(LINEAR, teacher="oracle:8gaussians", fake_score_ema=bad)
+
+
+def test_options_are_the_options_dataclass_fields_with_each_method_s_defaults():
+    from ucgm.methods import method_options
+    from ucgm.methods.distribution_matching import MSD, SIM
+
+    assert DMD2(LINEAR, teacher="oracle:8gaussians").update_ratio == 5
+    assert SIM(LINEAR, teacher="oracle:8gaussians").matching_time_range == (0.0, 0.8)
+    msd = MSD(LINEAR, teacher="oracle:8gaussians", num_students=2, gan=False)
+    assert (msd.num_students, msd.uses_classifier_head, msd.update_ratio) == (2, False, 5)
+    assert {"fake_score_ema", "gan", "num_students", "student_model"} <= set(method_options("msd"))
+    assert "generator_steps" not in method_options("cosim")
+    with pytest.raises(ValueError, match="unknown option.*generator_steps.*allowed: teacher"):
+        CoSIM(LINEAR, teacher="oracle:8gaussians", generator_steps=2)

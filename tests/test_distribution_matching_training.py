@@ -144,3 +144,13 @@ def test_msd_students_all_start_from_the_initial_checkpoint(tmp_path):
         student = networks[role].module.state_dict()
         assert all(torch.equal(student[name], value) for name, value in teacher.items()), role
         assert networks[role].module is not primary  # a copy, trained on its own labels
+
+
+def test_a_fake_score_ema_is_trained_checkpointed_and_read_by_ucgm_train(tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(tiny_gmm_config(*DMD2, "objective.fake_score_ema=0.5", "training.steps=2"), run_dir,
+                 progress=False)
+    trained, averaged = read_weights(run_dir, "fake_score"), read_weights(run_dir, "fake_score-ema")
+    assert set(trained) == set(averaged)
+    assert any(not torch.equal(trained[name], averaged[name]) for name in trained)
+    assert all(torch.isfinite(value).all() for value in averaged.values())

@@ -8,6 +8,7 @@ one's own, outside ucgm, is named by its import path: ``objective.name=package.m
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -77,11 +78,14 @@ def method_class(name: str) -> type[Method]:
 
 
 def method_options(name: str) -> list[str]:
-    """The options method ``name`` accepts in its config section: its constructor's keyword arguments and the
+    """The options method ``name`` accepts in its config section: its constructor's keyword arguments (the fields
+    of its ``options_type`` dataclass for a method constructed as ``Method(transport, **options)``) and the
     wrapper options every method takes (:data:`~ucgm.methods.discrete.WRAPPER_OPTIONS`: ``self_conditioning``,
     ``cascade``)."""
-    own = [key for key in inspect.signature(method_class(name).__init__).parameters
-           if key not in ("self", "transport")]
+    cls = method_class(name)
+    options_type = getattr(cls, "options_type", None)
+    own = [field.name for field in dataclasses.fields(options_type)] if options_type is not None else \
+        [key for key in inspect.signature(cls.__init__).parameters if key not in ("self", "transport")]
     return own + [key for key in WRAPPER_OPTIONS if key not in own]
 
 

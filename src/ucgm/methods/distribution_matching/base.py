@@ -17,7 +17,9 @@ of a loss comes from the batch generator. The generator's labels are the batch's
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -42,48 +44,91 @@ MATCHING_TIME_RANGE = (0.02, 0.98)
 FULL_TIME_RANGE = (0.0, 1.0)
 
 
+@dataclass(frozen=True)
+class MatchingOptions:
+    """The options every distribution-matching method takes (``objective.KEY``); a method's options class adds its
+    own and sets its official defaults. ``fake_score_ema``: ``None`` (the official methods) reads the trained fake
+    score in the generator's loss; a decay ``d`` keeps an EMA of the fake score (``ema <- d ema + (1 - d) theta``
+    after every fake-score update) and reads that instead (a deviation, see ``docs/distribution_matching.md``)."""
+
+    teacher: Any = None
+    teacher_transport: Optional[Union[Transport, str]] = None
+    real_guidance_scale: float = 1.0
+    update_ratio: int = 1
+    fake_score_init: str = "auto"
+    fake_score_model: Optional[dict] = None
+    matching_time_range: Sequence[float] = MATCHING_TIME_RANGE
+    fake_time_range: Sequence[float] = FULL_TIME_RANGE
+    null_label: Optional[int] = None
+    fake_score_ema: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class GeneratorOptions(MatchingOptions):
+    """The options of a few-step generator method: ``generator_steps`` (backward simulation, :mod:`.generator`)."""
+
+    generator_steps: int = 1
+
+
+def option_names(options_type: type) -> list[str]:
+    """The config keys of an options dataclass."""
+    return [field.name for field in dataclasses.fields(options_type)]
+
+
 class DistributionMatchingMethod(Method):
-    """The shared machinery; subclasses implement :meth:`generator_loss` (and may extend the fake-score loss)."""
+    """The shared machinery; subclasses name their options class (:attr:`options_type`) and implement
+    :meth:`generator_loss` (and may extend the fake-score loss). Constructed as ``Method(transport, **options)``."""
 
     family = "distribution_matching"
     default_sampler = "generator"
     sampling_role = "generator"
     #: Whether the fake score network carries a classifier head (DMD2's GAN).
     uses_classifier_head = False
+    #: The options dataclass: its fields are the method's config keys (:func:`ucgm.methods.registry.method_options`).
+    options_type: type = GeneratorOptions
 
-    def __init__(self, transport: Transport | str, teacher, teacher_transport: Optional[Transport | str],
-                 real_guidance_scale: float, generator_steps: int, update_ratio: int, fake_score_init: str,
-                 fake_score_model: Optional[dict], matching_time_range: Sequence[float],
-                 fake_time_range: Sequence[float], null_label: Optional[int]):
+    def __init__(self, transport: Transport | str = "linear", **options):
+        unknown = sorted(set(options) - set(option_names(self.options_type)))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for {type(self).__name__}; allowed: "
+                             f"{', '.join(option_names(self.options_type))}")
+        self.options = options = self.options_type(**options)
         self.transport = make_transport(transport) if isinstance(transport, str) else transport
+        generator_steps = getattr(options, "generator_steps", 1)
         check_positive_int("generator_steps", generator_steps)
-        check_positive_int("update_ratio", update_ratio)
-        check_choice("fake_score_init", fake_score_init, FAKE_SCORE_INITS)
-        if fake_score_model is not None and not isinstance(fake_score_model, dict):
-            raise ValueError(f"fake_score_model={fake_score_model!r} must be a mapping of model options or null")
-        self.teacher = Teacher(teacher, teacher_transport, self.transport)
-        if fake_score_init == "teacher" and self.teacher.checkpoint is None:
+        check_positive_int("update_ratio", options.update_ratio)
+        check_choice("fake_score_init", options.fake_score_init, FAKE_SCORE_INITS)
+        if options.fake_score_model is not None and not isinstance(options.fake_score_model, dict):
+            raise ValueError(f"fake_score_model={options.fake_score_model!r} must be a mapping of model options or null")
+        if options.fake_score_ema is not None and not (isinstance(options.fake_score_ema, float)
+                                                       and 0.0 <= options.fake_score_ema < 1.0):
+            raise ValueError(f"fake_score_ema={options.fake_score_ema!r} must be null or an EMA decay in [0, 1)")
+        self.teacher = Teacher(options.teacher, options.teacher_transport, self.transport)
+        if options.fake_score_init == "teacher" and self.teacher.checkpoint is None:
             raise ValueError("fake_score_init='teacher' needs a 'checkpoint:PATH' teacher (the oracle has no weights); "
                              "use 'scratch' or 'auto'")
-        if fake_score_init == "teacher" and fake_score_model:
+        if options.fake_score_init == "teacher" and options.fake_score_model:
             raise ValueError("fake_score_model applies to a fake score built from scratch; with "
                              "fake_score_init='teacher' the fake score is the teacher's backbone")
-        self.fake_score_init = ("teacher" if self.teacher.checkpoint else "scratch") if fake_score_init == "auto" \
-            else fake_score_init
-        self.real_score = RealScore(self.teacher, self.transport.path, real_guidance_scale, null_label)
+        self.fake_score_init = ("teacher" if self.teacher.checkpoint else "scratch") \
+            if options.fake_score_init == "auto" else options.fake_score_init
+        self.real_score = RealScore(self.teacher, self.transport.path, options.real_guidance_scale,
+                                    options.null_label)
         self.generator_steps = generator_steps
         self.times = generator_times(generator_steps)
-        self.update_ratio = update_ratio
-        self.fake_score_model = dict(fake_score_model or {})
-        self.matching_time_range = check_fraction_range("matching_time_range", matching_time_range)
-        self.fake_time_range = check_fraction_range("fake_time_range", fake_time_range)
+        self.update_ratio = options.update_ratio
+        self.fake_score_model = dict(options.fake_score_model or {})
+        self.matching_time_range = check_fraction_range("matching_time_range", options.matching_time_range)
+        self.fake_time_range = check_fraction_range("fake_time_range", options.fake_time_range)
+        self.fake_score_ema = options.fake_score_ema
 
     # ------------------------------------------------------------------------------------ declaration
     def fake_score_spec(self) -> NetworkSpec:
         head = {"classifier_head": True} if self.uses_classifier_head else {}
+        ema = {"kind": "none"} if self.fake_score_ema is None else {"kind": "constant", "decay": self.fake_score_ema}
         if self.fake_score_init == "teacher":
-            return NetworkSpec(init=self.teacher.checkpoint, model=head or None, ema={"kind": "none"})
-        return NetworkSpec(model={**self.fake_score_model, **head} or None, ema={"kind": "none"})
+            return NetworkSpec(init=self.teacher.checkpoint, model=head or None, ema=ema)
+        return NetworkSpec(model={**self.fake_score_model, **head} or None, ema=ema)
 
     def generator_roles(self) -> tuple[str, ...]:
         return (self.sampling_role,)
@@ -109,6 +154,16 @@ class DistributionMatchingMethod(Method):
         return self
 
     # --------------------------------------------------------------------------------------- training
+    def matching_fake_score(self, networks: Networks) -> Callable:
+        """The fake score the generator's loss reads: the trained network, or its EMA with ``fake_score_ema``."""
+        if self.fake_score_ema is None:
+            return networks.module("fake_score")
+        ema = networks.ema("fake_score")
+        if ema is None:
+            raise ValueError("fake_score_ema is set but the fake score keeps no EMA: leave networks.fake_score.ema "
+                             "unset (the method sets it)")
+        return ema
+
     def generator_model(self, networks: Networks, with_gradient: bool) -> Callable:
         """The generator to call: its training wrapper (one pass with gradient) or the plain module."""
         return networks[self.sampling_role] if with_gradient else networks.module(self.sampling_role)
@@ -141,7 +196,7 @@ class DistributionMatchingMethod(Method):
             samples = x.detach()
             x_t = self.transport.interpolate(samples, noise, t)
             real = self.real_score(x_t, t, labels)
-            fake = fake_data_prediction(networks.module("fake_score"), self.transport, x_t, t, labels)
+            fake = fake_data_prediction(self.matching_fake_score(networks), self.transport, x_t, t, labels)
             gradient = distribution_matching_gradient(samples, real, fake)
         return distribution_matching_loss(x, gradient)
 

@@ -34,6 +34,7 @@ kernel update (CIFAR config).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -42,7 +43,7 @@ from torch import Tensor
 from ...transports import Transport, broadcast_time
 from ...validation import check_range
 from ..base import Batch, Networks, ObjectiveOutput, draw_noise
-from .base import FULL_TIME_RANGE, MATCHING_TIME_RANGE, DistributionMatchingMethod
+from .base import DistributionMatchingMethod, MatchingOptions
 from .scores import DataPrediction, fake_data_prediction, per_sample_mean
 from .times import karras_index_times
 
@@ -60,32 +61,29 @@ def semi_implicit_fisher_loss(x_hat: Tensor, noise: Tensor, s: Tensor, transport
     return per_sample_mean(2 * gap * (x_hat - real_prediction) - gap**2)
 
 
+@dataclass(frozen=True)
+class CoSIMOptions(MatchingOptions):
+    """CoSIM's options: the shared ones (:class:`~.base.MatchingOptions`; no ``generator_steps``: the kernel is
+    continuous) with HSIVI's update ratio, and the simulation-free source law."""
+
+    update_ratio: int = HSIVI_UPDATE_RATIO
+    pure_noise_fraction: float = 0.5
+    source_time_range: Sequence[float] = (0.1, 1.0)
+
+
 class CoSIM(DistributionMatchingMethod):
     """CoSIM (ucgm's reading, module docstring): a continuous semi-implicit kernel, an auxiliary score, a teacher."""
 
-    def __init__(
-        self,
-        transport: Transport | str = "linear",
-        teacher=None,
-        teacher_transport: Optional[Transport | str] = None,
-        real_guidance_scale: float = 1.0,
-        update_ratio: int = HSIVI_UPDATE_RATIO,
-        pure_noise_fraction: float = 0.5,
-        source_time_range: Sequence[float] = (0.1, 1.0),
-        fake_score_init: str = "auto",
-        fake_score_model: Optional[dict] = None,
-        matching_time_range: Sequence[float] = MATCHING_TIME_RANGE,
-        fake_time_range: Sequence[float] = FULL_TIME_RANGE,
-        null_label: Optional[int] = None,
-    ):
-        super().__init__(transport, teacher, teacher_transport, real_guidance_scale, 1, update_ratio,
-                         fake_score_init, fake_score_model, matching_time_range, fake_time_range, null_label)
-        check_range("pure_noise_fraction", pure_noise_fraction, 0.0, 1.0)
-        low, high = (float(value) for value in source_time_range)
+    options_type = CoSIMOptions
+
+    def __init__(self, transport: Transport | str = "linear", **options):
+        super().__init__(transport, **options)
+        check_range("pure_noise_fraction", self.options.pure_noise_fraction, 0.0, 1.0)
+        low, high = (float(value) for value in self.options.source_time_range)
         if not 0 < low < high <= 1:
-            raise ValueError(f"source_time_range={list(source_time_range)!r} must be [low, high] with "
+            raise ValueError(f"source_time_range={list(self.options.source_time_range)!r} must be [low, high] with "
                              f"0 < low < high <= 1")
-        self.pure_noise_fraction = float(pure_noise_fraction)
+        self.pure_noise_fraction = float(self.options.pure_noise_fraction)
         self.source_time_range = (low, high)
 
     def sampler(self) -> tuple[str, dict]:
@@ -110,7 +108,7 @@ class CoSIM(DistributionMatchingMethod):
         s = karras_index_times(self.transport.path, x_hat.shape[0], self.matching_time_range, batch.generator,
                                x_hat.dtype, x_hat.device)
         noise = draw_noise(x_hat, None, batch.generator)
-        fake_module = networks.module("fake_score")
+        fake_module = self.matching_fake_score(networks)
 
         def fake(x_s: Tensor, time: Tensor, labels: Optional[Tensor]) -> Tensor:
             return fake_data_prediction(fake_module, self.transport, x_s, time, labels)

@@ -17,7 +17,7 @@ error (vectors, digits); the paper's pairs dataset is precomputed once offline, 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +25,7 @@ from ...transports import Transport
 from ...validation import check_positive_int, check_range
 from ..base import Batch, Networks, ObjectiveOutput
 from ..couplings import TeacherCouplings
-from .base import FULL_TIME_RANGE, MATCHING_TIME_RANGE, DistributionMatchingMethod
+from .base import DistributionMatchingMethod, GeneratorOptions
 from .gan import concatenate_labels
 from .generator import initial_state
 from .scores import per_sample_mean
@@ -33,33 +33,28 @@ from .scores import per_sample_mean
 DMD_REGRESSION_WEIGHT = 0.25
 
 
+@dataclass(frozen=True)
+class DMDOptions(GeneratorOptions):
+    """DMD's options: the shared ones (:class:`~.base.MatchingOptions`) and the regression on teacher couplings."""
+
+    regression_weight: float = DMD_REGRESSION_WEIGHT
+    num_couplings: int = 10000
+    coupling_steps: int = 64
+    coupling_solver: str = "heun"
+
+
 class DMD(DistributionMatchingMethod):
     """DMD: distribution matching plus regression on fixed teacher couplings."""
 
-    def __init__(
-        self,
-        transport: Transport | str = "linear",
-        teacher=None,
-        teacher_transport: Optional[Transport | str] = None,
-        real_guidance_scale: float = 1.0,
-        generator_steps: int = 1,
-        update_ratio: int = 1,
-        regression_weight: float = DMD_REGRESSION_WEIGHT,
-        num_couplings: int = 10000,
-        coupling_steps: int = 64,
-        coupling_solver: str = "heun",
-        fake_score_init: str = "auto",
-        fake_score_model: Optional[dict] = None,
-        matching_time_range: Sequence[float] = MATCHING_TIME_RANGE,
-        fake_time_range: Sequence[float] = FULL_TIME_RANGE,
-        null_label: Optional[int] = None,
-    ):
-        super().__init__(transport, teacher, teacher_transport, real_guidance_scale, generator_steps, update_ratio,
-                         fake_score_init, fake_score_model, matching_time_range, fake_time_range, null_label)
-        check_range("regression_weight", regression_weight, 0.0, float("inf"))
-        check_positive_int("num_couplings", num_couplings)
-        self.regression_weight = float(regression_weight)
-        self.couplings = TeacherCouplings(num_couplings, coupling_steps, coupling_solver)
+    options_type = DMDOptions
+
+    def __init__(self, transport: Transport | str = "linear", **options):
+        super().__init__(transport, **options)
+        check_range("regression_weight", self.options.regression_weight, 0.0, float("inf"))
+        check_positive_int("num_couplings", self.options.num_couplings)
+        self.regression_weight = float(self.options.regression_weight)
+        self.couplings = TeacherCouplings(self.options.num_couplings, self.options.coupling_steps,
+                                          self.options.coupling_solver)
         self.seed = 0
 
     def set_seed(self, seed: int) -> None:

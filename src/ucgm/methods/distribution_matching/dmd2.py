@@ -24,6 +24,7 @@ fake-score loss is the run transport's regression (:mod:`.scores`); one-step gen
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -32,7 +33,7 @@ from torch import Tensor
 from ...transports import Transport
 from ...validation import check_range
 from ..base import Batch, Networks, ObjectiveOutput, draw_noise
-from .base import FULL_TIME_RANGE, MATCHING_TIME_RANGE, DistributionMatchingMethod
+from .base import FULL_TIME_RANGE, DistributionMatchingMethod, GeneratorOptions
 from .gan import concatenate_labels, discriminator_loss, generator_gan_loss, network_output_and_logits
 from .scores import per_sample_mean
 from .times import check_fraction_range, karras_index_times
@@ -42,37 +43,33 @@ DMD2_GAN_GENERATOR_WEIGHT = 3e-3
 DMD2_GAN_DISCRIMINATOR_WEIGHT = 1e-2
 
 
+@dataclass(frozen=True)
+class DMD2Options(GeneratorOptions):
+    """DMD2's options: the shared ones (:class:`~.base.MatchingOptions`) with DMD2's update ratio, and the GAN."""
+
+    update_ratio: int = DMD2_UPDATE_RATIO
+    gan: bool = True
+    gan_generator_weight: float = DMD2_GAN_GENERATOR_WEIGHT
+    gan_discriminator_weight: float = DMD2_GAN_DISCRIMINATOR_WEIGHT
+    gan_time_range: Sequence[float] = FULL_TIME_RANGE
+
+
 class DMD2(DistributionMatchingMethod):
     """DMD2; ``gan=False`` drops the classifier head and both GAN terms (DMD2's "w/o GAN" rows)."""
 
-    def __init__(
-        self,
-        transport: Transport | str = "linear",
-        teacher=None,
-        teacher_transport: Optional[Transport | str] = None,
-        real_guidance_scale: float = 1.0,
-        generator_steps: int = 1,
-        update_ratio: int = DMD2_UPDATE_RATIO,
-        gan: bool = True,
-        gan_generator_weight: float = DMD2_GAN_GENERATOR_WEIGHT,
-        gan_discriminator_weight: float = DMD2_GAN_DISCRIMINATOR_WEIGHT,
-        gan_time_range: Sequence[float] = FULL_TIME_RANGE,
-        fake_score_init: str = "auto",
-        fake_score_model: Optional[dict] = None,
-        matching_time_range: Sequence[float] = MATCHING_TIME_RANGE,
-        fake_time_range: Sequence[float] = FULL_TIME_RANGE,
-        null_label: Optional[int] = None,
-    ):
+    options_type = DMD2Options
+
+    def __init__(self, transport: Transport | str = "linear", **options):
+        super().__init__(transport, **options)
+        gan = self.options.gan
         if not isinstance(gan, bool):
             raise ValueError(f"gan={gan!r} must be true or false")
-        check_range("gan_generator_weight", gan_generator_weight, 0.0, float("inf"))
-        check_range("gan_discriminator_weight", gan_discriminator_weight, 0.0, float("inf"))
+        check_range("gan_generator_weight", self.options.gan_generator_weight, 0.0, float("inf"))
+        check_range("gan_discriminator_weight", self.options.gan_discriminator_weight, 0.0, float("inf"))
         self.uses_classifier_head = gan
-        super().__init__(transport, teacher, teacher_transport, real_guidance_scale, generator_steps, update_ratio,
-                         fake_score_init, fake_score_model, matching_time_range, fake_time_range, null_label)
-        self.gan_generator_weight = float(gan_generator_weight)
-        self.gan_discriminator_weight = float(gan_discriminator_weight)
-        self.gan_time_range = check_fraction_range("gan_time_range", gan_time_range)
+        self.gan_generator_weight = float(self.options.gan_generator_weight)
+        self.gan_discriminator_weight = float(self.options.gan_discriminator_weight)
+        self.gan_time_range = check_fraction_range("gan_time_range", self.options.gan_time_range)
 
     def _noised(self, samples: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``(x_t, t)`` of samples noised at a GAN level with independent noise."""

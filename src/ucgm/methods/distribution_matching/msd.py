@@ -18,6 +18,7 @@ smaller students (details unverified).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
@@ -26,8 +27,7 @@ from torch import Tensor, nn
 from ...transports import Transport
 from ...validation import check_positive_int
 from ..base import Batch, Networks, NetworkSpec
-from .base import FULL_TIME_RANGE, MATCHING_TIME_RANGE
-from .dmd2 import DMD2, DMD2_GAN_DISCRIMINATOR_WEIGHT, DMD2_GAN_GENERATOR_WEIGHT, DMD2_UPDATE_RATIO
+from .dmd2 import DMD2, DMD2Options
 from .generator import RoutedGenerator
 
 
@@ -43,39 +43,28 @@ def student_route(num_classes: int, num_students: int) -> Tensor:
     return student_for_label(torch.arange(num_classes), num_classes, num_students)
 
 
+@dataclass(frozen=True)
+class MSDOptions(DMD2Options):
+    """MSD's options: DMD2's (:class:`~.dmd2.DMD2Options`), the number of students and their model options."""
+
+    num_students: int = 4
+    student_model: Optional[dict] = None
+
+
 class MSD(DMD2):
     """Multi-student distillation: K DMD2 students over a partition of the classes."""
 
     sampling_role = "student_0"
+    options_type = MSDOptions
 
-    def __init__(
-        self,
-        transport: Transport | str = "linear",
-        teacher=None,
-        teacher_transport: Optional[Transport | str] = None,
-        num_students: int = 4,
-        student_model: Optional[dict] = None,
-        real_guidance_scale: float = 1.0,
-        generator_steps: int = 1,
-        update_ratio: int = DMD2_UPDATE_RATIO,
-        gan: bool = True,
-        gan_generator_weight: float = DMD2_GAN_GENERATOR_WEIGHT,
-        gan_discriminator_weight: float = DMD2_GAN_DISCRIMINATOR_WEIGHT,
-        gan_time_range: Sequence[float] = FULL_TIME_RANGE,
-        fake_score_init: str = "auto",
-        fake_score_model: Optional[dict] = None,
-        matching_time_range: Sequence[float] = MATCHING_TIME_RANGE,
-        fake_time_range: Sequence[float] = FULL_TIME_RANGE,
-        null_label: Optional[int] = None,
-    ):
-        check_positive_int("num_students", num_students)
+    def __init__(self, transport: Transport | str = "linear", **options):
+        super().__init__(transport, **options)
+        check_positive_int("num_students", self.options.num_students)
+        student_model = self.options.student_model
         if student_model is not None and not isinstance(student_model, dict):
             raise ValueError(f"student_model={student_model!r} must be a mapping of model options or null")
-        self.num_students = num_students
+        self.num_students = self.options.num_students
         self.student_model = dict(student_model or {})
-        super().__init__(transport, teacher, teacher_transport, real_guidance_scale, generator_steps, update_ratio,
-                         gan, gan_generator_weight, gan_discriminator_weight, gan_time_range, fake_score_init,
-                         fake_score_model, matching_time_range, fake_time_range, null_label)
 
     def generator_roles(self) -> tuple[str, ...]:
         return tuple(f"student_{index}" for index in range(self.num_students))

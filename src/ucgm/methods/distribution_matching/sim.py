@@ -26,6 +26,7 @@ SiD's optimiser (Adam lr 1e-5, generator beta1 = 0) is not imposed (the run's op
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -34,7 +35,7 @@ from torch import Tensor
 from ...transports import Path, Transport, broadcast_time
 from ...validation import check_range
 from ..base import Batch, Networks, ObjectiveOutput, draw_noise
-from .base import FULL_TIME_RANGE, DistributionMatchingMethod
+from .base import DistributionMatchingMethod, GeneratorOptions
 from .scores import DataPrediction, fake_data_prediction
 from .times import karras_index_times
 
@@ -57,35 +58,31 @@ def sim_generator_loss(x0: Tensor, noise: Tensor, t: Tensor, path: Path, real: D
     return -(difference * (fake_prediction - x0).flatten(1)).sum(dim=1) / norm
 
 
+@dataclass(frozen=True)
+class SIMOptions(GeneratorOptions):
+    """SIM's options: the shared ones (:class:`~.base.MatchingOptions`) with SiD's time range, and the
+    pseudo-Huber constant."""
+
+    matching_time_range: Sequence[float] = SIM_TIME_RANGE
+    huber_constant: float = SIM_HUBER_CONSTANT
+
+
 class SIM(DistributionMatchingMethod):
     """SIM: a one-step (or backward-simulated few-step) generator, a fake score, a teacher."""
 
-    def __init__(
-        self,
-        transport: Transport | str = "linear",
-        teacher=None,
-        teacher_transport: Optional[Transport | str] = None,
-        real_guidance_scale: float = 1.0,
-        generator_steps: int = 1,
-        update_ratio: int = 1,
-        huber_constant: float = SIM_HUBER_CONSTANT,
-        fake_score_init: str = "auto",
-        fake_score_model: Optional[dict] = None,
-        matching_time_range: Sequence[float] = SIM_TIME_RANGE,
-        fake_time_range: Sequence[float] = FULL_TIME_RANGE,
-        null_label: Optional[int] = None,
-    ):
-        super().__init__(transport, teacher, teacher_transport, real_guidance_scale, generator_steps, update_ratio,
-                         fake_score_init, fake_score_model, matching_time_range, fake_time_range, null_label)
-        check_range("huber_constant", huber_constant, 0.0, float("inf"))
-        self.huber_constant = float(huber_constant)
+    options_type = SIMOptions
+
+    def __init__(self, transport: Transport | str = "linear", **options):
+        super().__init__(transport, **options)
+        check_range("huber_constant", self.options.huber_constant, 0.0, float("inf"))
+        self.huber_constant = float(self.options.huber_constant)
 
     def generator_loss(self, networks: Networks, batch: Batch) -> ObjectiveOutput:
         x0 = self.generate(networks, batch, with_gradient=True)
         t = karras_index_times(self.transport.path, x0.shape[0], self.matching_time_range, batch.generator, x0.dtype,
                                x0.device)
         noise = draw_noise(x0, None, batch.generator)
-        fake_module = networks.module("fake_score")
+        fake_module = self.matching_fake_score(networks)
 
         def fake(x_t: Tensor, time: Tensor, labels: Optional[Tensor]) -> Tensor:
             return fake_data_prediction(fake_module, self.transport, x_t, time, labels)
