@@ -21,9 +21,10 @@ from ucgm.methods.flow_maps.core import (
     output_from_average_velocity,
 )
 from ucgm.models.mlp import MLP
-from ucgm.sampling.flow_map_sampler import dyadic_grid, flow_map_grid, flow_map_sample
+from ucgm.sampling.flow_map_sampler import dyadic_grid, flow_map_grid, flow_map_sample, training_grid_indices
 from ucgm.sampling.guidance import ClassifierFreeGuidance
 from ucgm.sampling.registry import get_sampler
+from ucgm.timegrids import karras_sigmas
 from ucgm.transports import make_transport
 
 TRANSPORTS = [("linear", None), ("linear", "data"), ("relinear", None), ("trigflow", None), ("edm", None),
@@ -141,6 +142,33 @@ def test_the_exact_flow_map_samples_the_same_points_at_every_nfe(name):
         torch.testing.assert_close(result.sample, expected, rtol=0, atol=1e-5)
     karras = flow_map_sample(model, model.transport, noise, times=flow_map_grid(transport.path, 3, "karras"))
     assert torch.isfinite(karras.sample).all()
+
+
+def test_karras_points_put_the_jumps_on_the_training_grid():
+    """``karras_points = P``: n jumps visit points ``round(i (P - 1) / n)`` of the P-point Karras grid (the first
+    and the last always), and above ``P - 1`` jumps the plain Karras grid of ``n + 1`` points."""
+    path = make_transport("linear").path
+    training = path.time_for_sigma(karras_sigmas(18))
+    for steps in (1, 2, 4, 8, 16, 17):
+        grid = flow_map_grid(path, steps, "karras", karras_points=18)
+        indices = [int(torch.argmin((training - time).abs())) for time in grid]
+        assert torch.equal(grid, training[indices]) and indices[0] == 0 and indices[-1] == 17
+        assert indices == [round(i * 17 / steps + 1e-9) for i in range(steps + 1)] and len(set(indices)) == steps + 1
+    assert torch.equal(flow_map_grid(path, 17, "karras", karras_points=18), training)
+    assert torch.equal(flow_map_grid(path, 20, "karras", karras_points=18), flow_map_grid(path, 20, "karras"))
+    assert not torch.equal(flow_map_grid(path, 4, "karras", karras_points=18), flow_map_grid(path, 4, "karras"))
+    assert torch.equal(training_grid_indices(4, 9), torch.tensor([0, 2, 4, 6, 8]))
+    with pytest.raises(ValueError, match="at most 8 jumps"):
+        training_grid_indices(9, 9)
+    with pytest.raises(ValueError, match="needs grid='karras'"):
+        flow_map_grid(path, 2, "uniform", karras_points=18)
+    sampler = get_sampler("flow-map", {"grid": "karras", "karras_points": 18})
+    noise = torch.randn(3, 2, dtype=torch.float64)
+    transport = make_transport("linear")
+    flow_map = FlowMapParameterisation(transport, "s")
+    model = FlowMapModel(_network(flow_map).double(), flow_map)
+    on_grid = flow_map_sample(model, model.transport, noise, times=flow_map_grid(path, 4, "karras", karras_points=18))
+    torch.testing.assert_close(sampler(model, model.transport, noise, None, 4, None).sample, on_grid.sample)
 
 
 def test_gamma_sampling_renoises_to_the_next_level_and_gamma_one_is_cm_multistep():

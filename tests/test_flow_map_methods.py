@@ -27,6 +27,7 @@ from ucgm.methods.flow_maps.shortcut import ShortcutModel
 from ucgm.methods.flow_maps.tangent import TangentEstimator
 from ucgm.methods.teachers import Teacher
 from ucgm.models.mlp import MLP
+from ucgm.sampling.flow_map_sampler import flow_map_grid
 from ucgm.transports import make_transport
 
 #: flow_maps.md's toy harness: means (2, 0), (-1, +-1.5), std 0.3, weights 0.5 / 0.3 / 0.2.
@@ -132,6 +133,17 @@ def test_ctm_draws_its_indices_as_the_official_sampler():
     frequencies = counts[1:] / counts.sum()
     expected = torch.arange(1, 18, dtype=torch.float32) / (17 * 18 / 2)  # P(k) ~ k
     assert (frequencies - expected).abs().max() < 0.01
+
+
+def test_ctm_samples_on_its_training_grid():
+    """CTM's sampler visits points of the grid its loss trains (``ctm.grid``) unless told otherwise."""
+    ctm = ConsistencyTrajectoryModel(num_scales=12, max_teacher_steps=11)
+    name, settings = ctm.sampler()
+    assert name == "flow-map" and settings["karras_points"] == 12
+    grid = flow_map_grid(LINEAR.path, 4, settings["grid"], sigma_min=settings["sigma_min"],
+                         sigma_max=settings["sigma_max"], rho=settings["rho"], karras_points=settings["karras_points"])
+    assert all(bool(torch.isclose(ctm.grid, time, rtol=0, atol=1e-12).any()) for time in grid)
+    assert "karras_points" not in ConsistencyTrajectoryModel(sample_on_training_grid=False).sampler()[1]
 
 
 # -------------------------------------------------------------------------------------------------- Shortcut

@@ -47,19 +47,39 @@ def dyadic_grid(steps: int, dtype: torch.dtype = torch.float64) -> Tensor:
     return times
 
 
+def training_grid_indices(steps: int, points: int) -> Tensor:
+    """``steps + 1`` indices ``round(i (points - 1) / steps)``, ``i = 0..steps``, of a ``points``-point grid: both
+    ends and evenly spread points between (distinct while ``steps <= points - 1``)."""
+    check_positive_int("steps", steps)
+    check_positive_int("karras_points", points, minimum=2)
+    if steps > points - 1:
+        raise ValueError(f"{steps} jumps do not fit on a grid of karras_points={points} points; allowed: at most "
+                         f"{points - 1} jumps")
+    ramp = torch.arange(steps + 1, dtype=torch.float64) * (points - 1) / steps
+    return torch.floor(ramp + 0.5).long()
+
+
 def flow_map_grid(path, steps: int, grid: str = "uniform", t_max: float = 1.0, t_min: float = 0.0,
                   sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                  times: Optional[Sequence[float]] = None) -> Tensor:
+                  times: Optional[Sequence[float]] = None, karras_points: Optional[int] = None) -> Tensor:
     """The float64 grid of ``steps`` jumps: explicit ``times`` (``steps + 1`` decreasing times in [0, 1]), the
     uniform grid from ``t_max`` to ``t_min``, or the Karras grid of ``steps + 1`` noise levels from ``sigma_max``
-    to ``sigma_min`` mapped to ucgm time on ``path`` (CTM's sampler)."""
+    to ``sigma_min`` mapped to ucgm time on ``path`` (CTM's sampler). With ``karras_points = P`` the Karras times
+    are ``steps + 1`` points of the ``P``-point Karras grid a model was trained on (:func:`training_grid_indices`;
+    the official CTM / CM samplers' ``ts`` indices); budgets above ``P - 1`` jumps, which no sub-grid holds, use
+    the Karras grid of ``steps + 1`` points."""
     check_positive_int("steps", steps)
+    if karras_points is not None and grid != "karras":
+        raise ValueError(f"karras_points={karras_points} needs grid='karras' (got grid={grid!r})")
     if times is not None:
         values = torch.as_tensor(times, dtype=torch.float64).detach().clone()
         if values.ndim != 1 or values.numel() != steps + 1:
             raise ValueError(f"times has {values.numel()} entries; {steps} jumps need {steps + 1}")
     elif grid == "uniform":
         values = uniform_grid(steps, t_max=t_max, t_min=t_min)
+    elif grid == "karras" and karras_points is not None and steps <= karras_points - 1:
+        indices = training_grid_indices(steps, karras_points)
+        values = path.time_for_sigma(karras_sigmas(karras_points, sigma_min, sigma_max, rho))[indices]
     elif grid == "karras":
         values = path.time_for_sigma(karras_sigmas(steps + 1, sigma_min, sigma_max, rho))
     else:

@@ -272,10 +272,12 @@ def _cascade(model, transport, noise, labels, nfe, generator, return_trajectory:
 def _flow_map(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,
               grid: str = "uniform", t_max: float = 1.0, t_min: float = 0.0, sigma_min: float = 0.002,
               sigma_max: float = 80.0, rho: float = 7.0, times: Optional[Sequence[float]] = None,
-              gamma: float = 0.0, clip: Optional[float] = None) -> SampleResult:
+              gamma: float = 0.0, clip: Optional[float] = None, karras_points: Optional[int] = None
+              ) -> SampleResult:
     """``nfe`` flow-map jumps on :func:`~ucgm.sampling.flow_map_sampler.flow_map_grid` with CTM's ``gamma``."""
     _check_nfe("flow-map", nfe)
-    grid_times = flow_map_grid(transport.path, nfe, grid, t_max, t_min, sigma_min, sigma_max, rho, times)
+    grid_times = flow_map_grid(transport.path, nfe, grid, t_max, t_min, sigma_min, sigma_max, rho, times,
+                               karras_points)
     return flow_map_sample(model, transport, noise, labels, times=grid_times, gamma=gamma, clip=clip,
                            generator=generator, return_trajectory=return_trajectory)
 
@@ -334,7 +336,8 @@ ALLOWED_SETTINGS: dict[str, tuple[str, ...]] = {
     "dddm": ("t_max", "clip"),
     "ddim": (), "ddim-stochastic": (),
     "cascade": CASCADE_SETTINGS,
-    "flow-map": ("grid", "t_max", "t_min", "sigma_min", "sigma_max", "rho", "times", "gamma", "clip"),
+    "flow-map": ("grid", "t_max", "t_min", "sigma_min", "sigma_max", "rho", "times", "gamma", "clip",
+                 "karras_points"),
     "shortcut": ("clip",),
     "generator": ("times",),
 }

@@ -26,6 +26,9 @@ concatenated batch.
 
 **Sampler** (``flow-map``, grid ``karras`` from ``sigma_max`` to ``sigma_min``): ``x <- G(x, sigma_i, sigma_{i+1})``
 (``gamma = 0``, CTM's exact sampler) or CTM's gamma-sampling (``sampler_gamma``; ``gamma = 1`` is CM's multistep).
+``sample_on_training_grid`` (default): ``n`` jumps visit ``n + 1`` points ``round(i (N - 1) / n)`` of the training
+grid, the only times the loss trains (the official sampler's ``ts`` indices of its ``steps``-point grid); budgets
+above ``N - 1`` jumps use the Karras grid of ``n + 1`` points. Measured in ``docs/flow_maps.md``.
 
 **Official defaults** (CIFAR-10): EDM-VP teacher, ``N = 18``, ``K = 17``, ``rho = 7``, ``sigma`` in
 ``[0.002, 80]``, ``sigma_d = 0.5``, EMA 0.999 for the target (0.9999 for evaluation), LPIPS distance, lr 4e-4,
@@ -86,7 +89,8 @@ class ConsistencyTrajectoryModel(FlowMapMethod):
                  max_teacher_steps: int = 17, rho: float = 7.0, sigma_min: float = EDM_SIGMA_MIN,
                  sigma_max: float = EDM_SIGMA_MAX, sigma_data: float = EDM_SIGMA_DATA, target_decay: float = 0.999,
                  distance: str = "l2", huber_constant: Optional[float] = None, dsm_weight: float | str = "adaptive",
-                 sampler_gamma: float = 0.0, label_dropout: float = 0.0, null_label: Optional[int] = None):
+                 sampler_gamma: float = 0.0, sample_on_training_grid: bool = True, label_dropout: float = 0.0,
+                 null_label: Optional[int] = None):
         check_choice("solver", solver, TEACHER_SOLVERS)
         check_positive_int("num_scales", num_scales, minimum=2)
         check_positive_int("max_teacher_steps", max_teacher_steps)
@@ -102,6 +106,7 @@ class ConsistencyTrajectoryModel(FlowMapMethod):
                                              and dsm_weight >= 0)):
             raise ValueError(f"dsm_weight={dsm_weight!r}: allowed 'adaptive' or a number >= 0")
         check_range("sampler_gamma", sampler_gamma, 0.0, 1.0)
+        check_choice("sample_on_training_grid", sample_on_training_grid, (True, False))
         check_range("label_dropout", label_dropout, 0.0, 1.0)
         self.transport = as_transport(transport)
         self.flow_map = FlowMapParameterisation(self.transport, "s")
@@ -112,6 +117,7 @@ class ConsistencyTrajectoryModel(FlowMapMethod):
         self.sigma_min, self.sigma_max, self.sigma_data = float(sigma_min), float(sigma_max), float(sigma_data)
         self.target_decay, self.distance, self.huber_constant = float(target_decay), distance, huber_constant
         self.dsm_weight, self.sampler_gamma = dsm_weight, float(sampler_gamma)
+        self.sample_on_training_grid = bool(sample_on_training_grid)
         self.label_dropout, self.null_label = float(label_dropout), null_label
         self.grid = self.transport.path.time_for_sigma(karras_sigmas(num_scales, sigma_min, sigma_max, rho))
 
@@ -125,9 +131,14 @@ class ConsistencyTrajectoryModel(FlowMapMethod):
         return self.target_decay
 
     def sampler(self) -> tuple[str, dict]:
-        """CTM's sampler: jumps on the Karras grid from ``sigma_max`` to ``sigma_min`` (gamma-sampling)."""
-        return "flow-map", {"grid": "karras", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
-                            "rho": self.rho, "gamma": self.sampler_gamma}
+        """CTM's sampler: jumps on the Karras grid from ``sigma_max`` to ``sigma_min`` (gamma-sampling); with
+        ``sample_on_training_grid`` the times are points of the ``num_scales``-point training grid (up to
+        ``num_scales - 1`` jumps; the official ``ts`` indices)."""
+        settings = {"grid": "karras", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho,
+                    "gamma": self.sampler_gamma}
+        if self.sample_on_training_grid:
+            settings["karras_points"] = self.num_scales
+        return "flow-map", settings
 
     # ------------------------------------------------------------------------------------------ pieces
     def sample_indices(self, batch_size: int, generator: Optional[torch.Generator]) -> tuple[int, Tensor, Tensor]:
