@@ -30,7 +30,9 @@ Groups never cross processes: the per-process batch must be a multiple of ``M``.
 
 **Sampler**: the core's ``flow-map`` sampler on the uniform grid from ``T`` to ``eps`` (pushforward,
 ``x <- f(x, t_i, t_{i+1})``); ``restart=True``: jump to ``eps`` and re-noise to ``t_{i+1}`` with fresh noise
-(the official ``restart_generator_fn``; the core's ``gamma = 1``).
+(the official ``restart_generator_fn``; the core's ``gamma = 1``). ``sampler_gamma`` between the two: CTM's
+gamma-sampling (jump to ``sigma' = sqrt(1 - gamma^2) (sigma_{i+1} - sigma_N) + sigma_N``, re-noise to
+``sigma_{i+1}``; not in the IMM paper, measured in ``docs/flow_maps.md``).
 
 **Official defaults.** CIFAR-10: ``simple_edm``, ``T = 0.994``, ``eps = 0.006``, ``M = 4``, ``a = 2`` (multi-step),
 ``b = 5`` (or 4), 2 sampling steps; ImageNet-256: ``euler_fm``, ``eps = 0``, checkpoints ``ts_a2`` and ``s_a1``, 1-8
@@ -42,7 +44,7 @@ and times ``1000 t``, ``1000 s``.
 run's model and transport give them (no ``c_in``, no 1000 scale unless ``model.time_scale`` says so). (4) The
 sampler starts at ``alpha(T) z`` (the official sampler at ``sigma_d z``); restart re-noises in the core's
 noise-level form (identical to the official one at ``eps = 0``). (5) Classifier-free guidance is not mixed into
-the map at sampling.
+the map at sampling. (6) ``sampler_gamma`` strictly between 0 and 1 is an addition (the gmm preset's 0.5).
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ def imm_weight(transport: Transport, t: Tensor, bias: float, power: float) -> Te
 class InductiveMomentMatching(Method):
     """IMM (see the module docstring). ``group_size`` = M; ``t_max`` / ``t_min`` = T / eps;
     ``decrement_exponent`` = k; ``weighting_bias`` / ``weighting_power`` = b / a (``weighting=False``: weight 1);
-    ``kernel_epsilon`` the distance floor; ``kernel_scale`` multiplies ``w`` (official 1); ``restart`` selects the restart sampler; ``label_dropout`` drops labels
+    ``kernel_epsilon`` the distance floor; ``kernel_scale`` multiplies ``w`` (official 1); ``restart`` selects the
+    restart sampler (``sampler_gamma`` the gamma-sampler between pushforward and restart); ``label_dropout`` drops labels
     to the null label."""
 
     family = "flow_maps"
@@ -132,6 +135,7 @@ class InductiveMomentMatching(Method):
         kernel_epsilon: float = 1e-8,
         kernel_scale: float = 1.0,
         restart: bool = False,
+        sampler_gamma: float = 0.0,
         label_dropout: float = 0.0,
         null_label: Optional[int] = None,
     ):
@@ -146,6 +150,9 @@ class InductiveMomentMatching(Method):
         check_range("weighting_power", weighting_power, 0.0, 10.0)
         check_range("kernel_epsilon", kernel_epsilon, 0.0, 1.0)
         check_range("kernel_scale", kernel_scale, 1e-6, 1e6)
+        check_range("sampler_gamma", sampler_gamma, 0.0, 1.0)
+        if restart and sampler_gamma not in (0.0, 1.0):
+            raise ValueError(f"restart=True is sampler_gamma=1; got sampler_gamma={sampler_gamma}: set one of them")
         check_range("label_dropout", label_dropout, 0.0, 1.0)
         self.f_type = f_type
         self.transport = imm_transport(transport, f_type)
@@ -154,8 +161,8 @@ class InductiveMomentMatching(Method):
         self.decrement_exponent = decrement_exponent
         self.weighting, self.weighting_bias, self.weighting_power = weighting, float(weighting_bias), \
             float(weighting_power)
-        self.kernel_epsilon, self.kernel_scale, self.restart = float(kernel_epsilon), float(kernel_scale), \
-            bool(restart)
+        self.kernel_epsilon, self.kernel_scale = float(kernel_epsilon), float(kernel_scale)
+        self.sampler_gamma = 1.0 if restart else float(sampler_gamma)
         self.label_dropout, self.null_label = float(label_dropout), null_label
 
     def networks(self) -> dict[str, NetworkSpec]:
@@ -215,8 +222,8 @@ class InductiveMomentMatching(Method):
 
     # --------------------------------------------------------------------------------------- sampling
     def sampler(self) -> tuple[str, dict]:
-        """The core's flow-map chain from ``T`` to ``eps`` (``restart``: CTM's ``gamma = 1``)."""
-        return "flow-map", {"t_max": self.t_max, "t_min": self.t_min, "gamma": 1.0 if self.restart else 0.0}
+        """The core's flow-map chain from ``T`` to ``eps`` with CTM's ``gamma`` (``restart``: ``gamma = 1``)."""
+        return "flow-map", {"t_max": self.t_max, "t_min": self.t_min, "gamma": self.sampler_gamma}
 
     def sampling_model(self, modules: Mapping[str, nn.Module]) -> tuple[Callable, Transport]:
         model = FlowMapModel(modules["model"], self.flow_map)
