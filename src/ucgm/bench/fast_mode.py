@@ -29,6 +29,7 @@ from ..cli.tune import tune_config
 from ..data.mixtures import make_mixture
 from ..metrics.suites import REFERENCE_SEED, SlicedW2Against
 from ..sampling.registry import get_sampler
+from ..training.checkpoint import read_checkpoint_info
 
 FEW_STEP_NFE = 2
 MODES = ("parity", "fast")
@@ -81,7 +82,7 @@ def fast_mode_quality(sizes: FastModeSizes) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory() as workdir:
         runs = train_parity_and_fast(Path(workdir), sizes)
         values = {mode: few_step_sliced_w2(run_dir, metric, sizes.num_samples) for mode, run_dir in runs.items()}
-        recipe = load_checkpoint_model(runs["fast"]).config["objective"]
+        recipe = read_checkpoint_info(runs["fast"]).config["objective"]
     floors = [metric(mixture.sample(sizes.num_samples, torch.Generator().manual_seed(FLOOR_SEED + repeat))[0])
               for repeat in range(FLOOR_REPEATS)]
     floor = {"mean": statistics.fmean(floors), "std": statistics.pstdev(floors)}
