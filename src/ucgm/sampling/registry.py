@@ -71,7 +71,8 @@ class BudgetedSampler(Protocol):
 
 
 UCGM_SETTINGS = ("stochasticity", "extrapolation", "time_warp", "gaps", "cfg_scale", "cfg_interval",
-                 "time_difference", "times", "skip_blocks", "extrapolation_form", "corrector")
+                 "time_difference", "times", "skip_blocks", "extrapolation_form", "corrector",
+                 "reuse_corrector_call")
 ODE_SETTINGS = ("t_max",)
 #: Settings of a searched schedule (:mod:`ucgm.sampling.schedules`): an explicit grid, blocks skipped per step.
 GRID_SETTINGS = ("times", "skip_blocks")
@@ -120,7 +121,8 @@ def ucgm_settings(name: str, settings: Optional[Mapping[str, object]] = None) ->
 
 def ucgm_intervals(name: str, nfe: int, settings: Optional[Mapping[str, object]] = None) -> int:
     """Intervals N of UCGM-S sampler ``name`` at budget ``nfe`` (``settings`` over its defaults): ``n`` at order 1;
-    ``ucgm-o2``: ``floor(n / 2) + 1`` (the first ``n - N`` corrected, so every call is spent);
+    ``ucgm-o2``: ``n`` with ``reuse_corrector_call`` (all but the last corrected, each corrector call reused as
+    the next step's), else ``floor(n / 2) + 1`` (the first ``n - N`` corrected, so every call is spent);
     ``ucgm-o2-official``: ``floor((n + 1) / 2)`` when the gap ``g1 > 0`` (NFE ``2N - 1``) and ``floor(n / 2)``
     when ``g1 = 0`` (NFE ``2N``)."""
     _check_nfe(name, nfe)
@@ -130,7 +132,7 @@ def ucgm_intervals(name: str, nfe: int, settings: Optional[Mapping[str, object]]
     if order == 1:
         return nfe
     if name == "ucgm-o2":
-        return nfe // 2 + 1
+        return nfe if ucgm_settings(name, settings).get("reuse_corrector_call") else nfe // 2 + 1
     if float(ucgm_settings(name, settings).get("gaps", DEFAULT_GAPS)[1]) != 0.0:
         return two_call_intervals(nfe)
     if nfe < 2:
@@ -143,8 +145,10 @@ def _ucgm(name: str, model, transport, noise, labels, nfe, generator, return_tra
     order = UCGM_SAMPLERS[name][0]
     settings = ucgm_settings(name, settings)
     intervals = ucgm_intervals(name, nfe, settings)
-    steps = intervals if order == 1 else 2 * intervals  # ucgm_sample runs ceil(steps / 2) intervals at order 2
-    if name == "ucgm-o2":
+    reuse = bool(settings.get("reuse_corrector_call"))
+    # ucgm_sample runs ceil(steps / 2) intervals at order 2, steps intervals when the corrector's call is reused
+    steps = intervals if order == 1 or reuse else 2 * intervals
+    if name == "ucgm-o2" and not reuse:
         settings["corrections"] = nfe - intervals
     return ucgm_sample(model, transport, noise, labels, steps=steps, order=order, generator=generator,
                        return_trajectory=return_trajectory, **settings)

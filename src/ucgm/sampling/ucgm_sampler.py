@@ -3,20 +3,27 @@
 Grid ``t_0 > t_1 > ... > t_N = 0`` (:func:`ucgm.timegrids.kumaraswamy_grid`). At step i, with
 ``(x_hat, z_hat)`` the network's data and noise predictions at ``(x_i, t_i)``:
 
-* extrapolation (kappa), two forms: ``"official"`` (from the third step on, both predictions,
-  ``p <- p + kappa (p - p_prev)`` with ``p_prev`` the previous step's raw prediction) and ``"data"`` (from the
+* extrapolation (kappa), three forms: ``"official"`` (from the third step on, both predictions,
+  ``p <- p + kappa (p - p_prev)`` with ``p_prev`` the previous step's raw prediction), ``"data"`` (from the
   second step on, the data prediction only, ``x_hat <- x_hat + kappa (x_hat - x_hat_prev)``, and the noise
   prediction it implies at the state, ``z_hat = (x_i - gamma(t_i) x_hat) / alpha(t_i)``: with rho = 0 the step is
-  then the data-prediction multistep update ``x_{i+1} = alpha'/alpha x_i + (gamma' - alpha' gamma / alpha) x_hat``);
+  then the data-prediction multistep update ``x_{i+1} = alpha'/alpha x_i + (gamma' - alpha' gamma / alpha) x_hat``)
+  and ``"log-snr"`` (the data form with kappa scaled by the log-SNR step ratio,
+  ``x_hat <- x_hat + (kappa / r_i) (x_hat - x_hat_prev)``, ``r_i = h_{i-1} / h_i``, ``h_i = lambda(t_{i+1}) -
+  lambda(t_i)``, ``lambda = log(gamma / alpha)``; no extrapolation where a step is infinite, i.e. from t = 1 where
+  gamma = 0 or to t = 0 where alpha = 0: kappa = 0.5 with rho = 0 is DPM-Solver++(2M));
 * step: ``x_{i+1} = gamma(t_{i+1}) x_hat + alpha(t_{i+1}) (sqrt(1 - rho) z_hat + sqrt(rho) eps)``,
   eps ~ N(0, I) (rho = 0: deterministic DDIM-type step; rho = 1: consistency-style "denoise, re-noise");
 * order 2: a second call at ``(x_{i+1}, t_{i+1})`` gives ``(x_hat', z_hat')`` and the corrector, two forms:
   ``"official"`` (noise-prediction form, divides by ``gamma(t_i)``, which vanishes at t = 1 on the Linear path)
   ``x_{i+1} = gamma'/gamma x_i + (alpha' - gamma' alpha / gamma) (z_hat + z_hat') / 2`` and ``"data"``
   (data-prediction form, divides by ``alpha(t_i)``, which never vanishes where the sampler calls the network)
-  ``x_{i+1} = alpha'/alpha x_i + (gamma' - alpha' gamma / alpha) (x_hat + x_hat') / 2``, primes at ``t_{i+1}``.
+  ``x_{i+1} = alpha'/alpha x_i + (gamma' - alpha' gamma / alpha) (x_hat + x_hat') / 2``, primes at ``t_{i+1}``,
+  with the raw (not extrapolated) ``x_hat``: the extrapolation moves only the predicted state.
   The official rule corrects every interval but the last (every one when the end gap is 0); ``corrections``
-  corrects the first ``corrections`` intervals instead.
+  corrects the first ``corrections`` intervals instead. ``reuse_corrector_call`` (data corrector only, UniPC's
+  reuse): the corrector's call at ``(x_{i+1}^pred, t_{i+1})`` is also the next step's prediction (its noise the
+  one implied at the corrected state), so ``steps`` calls run ``steps`` intervals, all but the last corrected.
 
 The sample is the data prediction of the last first-order call. The state is kept in float64, the network is
 called in the dtype of the initial noise; no state survives between calls. Every default is the official one
@@ -39,8 +46,9 @@ from .noise import normal_noise
 from .result import SampleResult
 
 STOCHASTICITY_SCHEDULES = ("sde", "auto")
-#: Extrapolation forms: the official one (both predictions, from the third step) and ucgm's data-prediction one.
-EXTRAPOLATION_FORMS = ("official", "data")
+#: Extrapolation forms: the official one (both predictions, from the third step), ucgm's data-prediction one and
+#: the data-prediction one scaled by the log-SNR step ratio (kappa = 0.5: DPM-Solver++(2M)).
+EXTRAPOLATION_FORMS = ("official", "data", "log-snr")
 #: Order-2 corrector forms: the official noise-prediction one and ucgm's data-prediction one.
 CORRECTORS = ("official", "data")
 
@@ -94,6 +102,22 @@ def data_prediction_step(transport: Transport, state: Tensor, data_hat: Tensor, 
     return ratio * state + (transport.gamma(t_next) - ratio * transport.gamma(t_cur)) * data_hat
 
 
+def log_snr_step(transport: Transport, t_cur: Tensor, t_next: Tensor) -> Tensor:
+    """``h = lambda(t') - lambda(t)``, ``lambda = log(gamma / alpha)`` (float64; ``inf`` from a time where
+    gamma = 0 or to one where alpha = 0)."""
+    times = torch.stack([t_cur, t_next]).to(torch.float64)
+    log_snr = torch.log(transport.gamma(times)) - torch.log(transport.alpha(times))
+    return log_snr[1] - log_snr[0]
+
+
+def log_snr_extrapolation(kappa: float, step: Tensor, previous_step: Tensor) -> Tensor | float:
+    """The log-SNR form's weight ``kappa / r = kappa h_i / h_{i-1}``; 0 when either step is infinite (a first-order
+    step from t = 1 or to t = 0, DPM-Solver++(2M)'s convention)."""
+    if not (torch.isfinite(step) and torch.isfinite(previous_step)):
+        return 0.0
+    return kappa * step / previous_step
+
+
 def ucgm_sample(
     model: Callable,
     transport: Transport,
@@ -114,6 +138,7 @@ def ucgm_sample(
     extrapolation_form: str = "official",
     corrector: str = "official",
     corrections: Optional[int] = None,
+    reuse_corrector_call: bool = False,
 ) -> SampleResult:
     """Sample with UCGM-S.
 
@@ -122,7 +147,9 @@ def ucgm_sample(
     ``time_warp`` the Kumaraswamy ``(a, b, c)``; ``gaps`` the boundary gaps ``(g0, g1)``; ``cfg_scale`` /
     ``cfg_interval`` classifier-free guidance on the network time; ``corrector`` the order-2 form
     (:data:`CORRECTORS`) and ``corrections`` how many of the first intervals it corrects (``None``: the official
-    rule, :func:`official_corrections`).
+    rule, :func:`official_corrections`); ``reuse_corrector_call`` (order 2, ``corrector="data"``): each corrector
+    call is the next step's call, ``steps`` intervals at ``steps`` calls (``corrections`` defaults to all but the
+    last interval).
     ``times``: an explicit grid ``t_0 > ... > t_N = 0`` (a searched schedule) instead of the warped one, with
     ``N`` the intervals of ``steps``; ``time_difference``: Analog Bits' asymmetric time intervals (each step
     moves its state to :func:`~ucgm.timegrids.asymmetric_targets`, pix2seq's ``td``; 0 by default).
@@ -136,18 +163,21 @@ def ucgm_sample(
     check_finite("noise", noise)
     check_batch("labels", labels, noise.shape[0])
     check_sampler_settings(stochasticity, extrapolation, time_warp, gaps)
+    if reuse_corrector_call and (order != 2 or corrector != "data"):
+        raise ValueError(f"reuse_corrector_call=True needs order=2 and corrector='data' (got order={order}, "
+                         f"corrector={corrector!r}): the reused call is a data prediction at the predicted state")
     if cfg_scale is not None:
         from .guidance import ClassifierFreeGuidance
 
         model = ClassifierFreeGuidance(model, cfg_scale, cfg_interval)
 
-    intervals = (steps + 1) // 2 if order == 2 else steps
+    intervals = (steps + 1) // 2 if order == 2 and not reuse_corrector_call else steps
     if times is None:
         times = kumaraswamy_grid(intervals, time_warp, gaps, dtype=noise.dtype).to(noise.device)
     else:
         times = checked_grid(times, intervals, noise.dtype).to(noise.device)
     if corrections is None:
-        corrections = official_corrections(intervals, gaps)
+        corrections = intervals - 1 if reuse_corrector_call else official_corrections(intervals, gaps)
     elif isinstance(corrections, bool) or not isinstance(corrections, int) or not 0 <= corrections <= intervals:
         raise ValueError(f"corrections={corrections!r} must be an integer from 0 to the {intervals} intervals")
     corrected_intervals = corrections if order == 2 else 0
@@ -156,7 +186,7 @@ def ucgm_sample(
     network_dtype = noise.dtype
     state = noise.to(torch.float64)
     trajectory = [noise] if return_trajectory else None
-    previous_data = previous_noise = sample = None
+    previous_data = previous_noise = previous_step = sample = reused = None
     ratio: Tensor | float = stochasticity
     nfe = 0
 
@@ -169,16 +199,24 @@ def ucgm_sample(
 
     for i in range(intervals):
         t_cur, t_next = times[i], targets[i]
-        data_hat, noise_hat, sample = predict(state, t_cur)
+        if reused is None:
+            data_hat, noise_hat, sample = predict(state, t_cur)
+        else:
+            data_hat, sample = reused
+            noise_hat = (state - transport.gamma(t_cur) * data_hat) / transport.alpha(t_cur)
+        raw_data, reused = data_hat, None
         if extrapolation > 0:
-            raw_data, raw_noise = data_hat, noise_hat
+            raw_noise = noise_hat
+            step = log_snr_step(transport, t_cur, t_next) if extrapolation_form == "log-snr" else None
             if i >= extrapolation_start:
-                data_hat = data_hat + extrapolation * (data_hat - previous_data)
+                weight = (extrapolation if step is None
+                          else log_snr_extrapolation(extrapolation, step, previous_step))
+                data_hat = data_hat + weight * (data_hat - previous_data)
                 if extrapolation_form == "official":
                     noise_hat = noise_hat + extrapolation * (noise_hat - previous_noise)
                 else:
                     noise_hat = (state - transport.gamma(t_cur) * data_hat) / transport.alpha(t_cur)
-            previous_data, previous_noise = raw_data, raw_noise
+            previous_data, previous_noise, previous_step = raw_data, raw_noise, step
         if isinstance(ratio, str):
             ratio = first_step_sde_ratio(transport, t_cur, t_next)
         fresh = 0.0
@@ -187,9 +225,11 @@ def ucgm_sample(
         next_state = transport.gamma(t_next) * data_hat + transport.alpha(t_next) * (
             noise_hat * (1 - ratio) ** 0.5 + fresh * ratio**0.5)
         if i < corrected_intervals:
-            corrector_data, corrector_noise, _ = predict(next_state, t_next)
+            corrector_data, corrector_noise, corrector_sample = predict(next_state, t_next)
+            if reuse_corrector_call:
+                reused = corrector_data, corrector_sample
             if corrector == "data":
-                next_state = data_prediction_step(transport, state, 0.5 * data_hat + 0.5 * corrector_data,
+                next_state = data_prediction_step(transport, state, 0.5 * raw_data + 0.5 * corrector_data,
                                                   t_cur, t_next)
             else:
                 gamma_cur, gamma_next = transport.gamma(t_cur), transport.gamma(t_next)
