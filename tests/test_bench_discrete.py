@@ -7,7 +7,7 @@ import math
 
 from ucgm.bench import main as bench_main
 from ucgm.bench import report_cascade, report_discrete, report_search
-from ucgm.bench.cascade import CascadeSizes
+from ucgm.bench.cascade import CascadeSizes, equal_compute_steps
 from ucgm.bench.discrete import DiscreteSizes
 from ucgm.bench.search import SearchSizes
 
@@ -45,6 +45,8 @@ def test_cascade_section(tmp_path, monkeypatch):
     rows = report["cascade_details"]["rows"]
     assert [row["sampler"] for row in rows] == ["single", "cascade@2", "cascade@4"]
     assert rows[2]["steps_per_level"] == [3, 1]
+    steps = report["cascade_details"]["training_steps"]
+    assert steps == equal_compute_steps(2) and steps["single"] == 2 < steps["cascade"]
     assert "Throughput ratio" in table
 
 

@@ -10,7 +10,7 @@ from ucgm.data.gaussian_process import CascadeOracle, GaussianProcessSignals, bl
 from ucgm.data.resolution import downsample, level_shape, upsample
 from ucgm.methods import build_method
 from ucgm.methods.base import Batch, Networks
-from ucgm.methods.discrete.cascade import Cascade
+from ucgm.methods.discrete.cascade import Cascade, training_cost_fraction
 from ucgm.models import build_model
 from ucgm.sampling.cascade_sampler import cascade_levels, split_budget
 from ucgm.sampling.registry import get_sampler
@@ -124,6 +124,24 @@ def test_cascade_training_runs_one_level_per_step_with_the_condition_above_level
         assert torch.isfinite(output.loss)
     assert levels == {0, 1}
     assert method.sampler() == ("cascade", {"levels": 2, "stage_sampler": "ucgm", "stage_settings": {}})
+
+
+def test_training_cost_fraction_is_the_expected_pixel_share_of_a_step():
+    """Closed forms, and the mean pixel count of the batches the cascade's own level draws give it."""
+    assert training_cost_fraction([1, 1]) == pytest.approx((1 / 4 + 1) / 2)
+    assert training_cost_fraction([3, 1]) == pytest.approx(0.75 / 4 + 0.25)
+    assert training_cost_fraction([1, 1, 2], spatial_axes=1) == pytest.approx((1 / 4 + 1 / 2 + 2) / 4)
+    assert training_cost_fraction([1, 1], level_costs=[0.4, 1.0]) == pytest.approx(0.7)
+    method = _cascade(level_weights=[3, 1])
+    batch, generator, draws = Batch(torch.zeros(2, 1, 8, 8), None, None, None), torch.Generator().manual_seed(0), 4000
+    pixels = sum(method.level_batch(batch, method.choose_level(generator))[0].data.numel() for _ in range(draws))
+    share = pixels / (draws * batch.data.numel())
+    # share = 1/4 + 3/4 q with q the fraction of level-1 draws, binomial with p = 1/4
+    assert abs(share - training_cost_fraction([3, 1])) < 4 * 0.75 * (0.25 * 0.75 / draws) ** 0.5
+    with pytest.raises(ValueError, match="level_costs"):
+        training_cost_fraction([1, 1], level_costs=[1.0])
+    with pytest.raises(ValueError, match="spatial_axes"):
+        training_cost_fraction([1, 1], spatial_axes=3)
 
 
 def test_cascade_and_self_conditioning_compose():

@@ -2,8 +2,12 @@
 of a single-resolution model of the same family (16x16 only) at equal or better quality.
 
 Both models are UNets of the same size trained by ucgm's trainer (:func:`~ucgm.cli.train.run_training`) from
-the ``digits-cascade`` preset (16x16 digits) for the same steps, seed 0: the cascade as the preset is, the single
-model with ``objective.cascade=null``. Sampling goes through the user path (EMA weights from
+the ``digits-cascade`` preset (16x16 digits) with equal training compute, seed 0: the single model with
+``objective.cascade=null`` for :attr:`CascadeSizes.steps` steps, the cascade as the preset is for
+``steps / training_cost_fraction`` steps (:func:`~ucgm.methods.discrete.cascade.training_cost_fraction`: a step at
+8x8 costs a quarter of a 16x16 step, so with the preset's level weights a cascade step costs a fraction of a single
+one); both step counts are reported (``cascade_details.training_steps``), and so are the measured training
+seconds. Sampling goes through the user path (EMA weights from
 :func:`~ucgm.training.loading.load_checkpoint_model`, seeded noise of :func:`~ucgm.analysis.reports.
 draw_samples`): the single model with UCGM-S (the run's settings) at :attr:`CascadeSizes.single_nfe`; the cascade
 with its own sampler (UCGM-S per level) at every budget of :attr:`CascadeSizes.cascade_nfes`, three quarters of
@@ -24,7 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..analysis.reports import draw_samples, run_ucgm_settings
+from ..cli.components import accepted_keys
+from ..cli.config import resolve_config
 from ..cli.sample import load_checkpoint_model
+from ..methods.discrete.cascade import training_cost_fraction
 from ..metrics.suites import build_metric_suite
 from ..sampling.cascade_sampler import default_step_fractions, split_budget
 from ..sampling.registry import get_sampler
@@ -48,6 +55,13 @@ class CascadeSizes:
 QUICK = CascadeSizes(steps=60, num=64, single_nfe=8, cascade_nfes=(4, 8), timing_batch=16, timing_rounds=3)
 FULL = CascadeSizes(steps=3000, num=1000, single_nfe=16, cascade_nfes=(6, 8, 12, 16), timing_batch=64,
                     timing_rounds=9)
+
+
+def equal_compute_steps(single_steps: int) -> dict:
+    """Training steps of the single model and of the preset's cascade at equal training compute."""
+    options = resolve_config("digits-cascade", OVERRIDES, accepted_keys)["objective"]["cascade"]
+    weights = options.get("level_weights") or [1.0] * options["levels"]
+    return {"cascade": round(single_steps / training_cost_fraction(weights)), "single": single_steps}
 
 
 class _Candidate:
@@ -76,8 +90,9 @@ def run_cascade(sizes: CascadeSizes) -> dict:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ucgm-bench-cascade-") as temporary:
         workdir = Path(temporary)
-        seconds = {"cascade": train_run("digits-cascade", list(OVERRIDES), sizes.steps, workdir / "cascade"),
-                   "single": train_run("digits-cascade", OVERRIDES + ["objective.cascade=null"], sizes.steps,
+        steps = equal_compute_steps(sizes.steps)
+        seconds = {"cascade": train_run("digits-cascade", list(OVERRIDES), steps["cascade"], workdir / "cascade"),
+                   "single": train_run("digits-cascade", OVERRIDES + ["objective.cascade=null"], steps["single"],
                                        workdir / "single")}
         single_run, cascade_run = load_checkpoint_model(workdir / "single"), load_checkpoint_model(workdir / "cascade")
         single = _Candidate(single_run, "ucgm", run_ucgm_settings(single_run.config), sizes.single_nfe, sizes)
@@ -100,5 +115,6 @@ def run_cascade(sizes: CascadeSizes) -> dict:
     return {"cascade": {"throughput_ratio": ratio, "quality": {"cascade": chosen["digits_fd"], "single": single_fd}},
             "cascade_details": {"sizes": asdict(sizes), "rows": table, "chosen": chosen["sampler"],
                                 "equal_or_better": bool(good), "met": bool(good) and ratio >= 1.5,
-                                "metric": "digits_fd (8x8 block means)", "train_seconds": seconds,
+                                "metric": "digits_fd (8x8 block means)", "training_steps": steps,
+                                "train_seconds": seconds,
                                 "seconds": round(time.perf_counter() - started, 1)}}

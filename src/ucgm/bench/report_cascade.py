@@ -26,7 +26,10 @@ def markdown(report: dict) -> str:
     lines = ["## LowDiff-style cascade: throughput at equal quality", "",
              f"Produced by `{report['meta']['command']}` ({'quick' if report['meta']['quick'] else 'full'} size, "
              f"{details['seconds']:.0f} s, one thread): `digits-cascade` (8x8 then 16x16, one UNet) against the "
-             f"same UNet trained at 16x16 only, {details['sizes']['steps']} steps each; {details['metric']} of "
+             f"same UNet trained at 16x16 only at equal training compute ({details['training_steps']['cascade']} "
+             f"cascade steps, {details['training_steps']['single']} single steps; "
+             f"{details['train_seconds']['cascade']:.0f} s and {details['train_seconds']['single']:.0f} s); "
+             f"{details['metric']} of "
              f"{details['sizes']['num']} samples; samples/s of batches of {details['sizes']['timing_batch']}, "
              "interleaved.", "",
              "| sampler | NFE | calls per level | digits FD | sliced W2 | samples/s |", "|---|---|---|---|---|---|"]

@@ -13,7 +13,9 @@ high-resolution steps, >50 % throughput at equal quality); everything below is u
   condition (zeros). The network tells the levels apart by that condition and by the input size.
 * **Training.** Each training step picks one level for the whole batch, level ``l`` with probability
   ``level_weights[l] / sum(level_weights)`` (default equal), from the step's seeded generator, and runs the
-  inner method's loss on the batch at that level: one forward and backward per step whatever the method.
+  inner method's loss on the batch at that level: one forward and backward per step whatever the method. A
+  step at level ``l`` costs about its pixel share of a full-resolution step, so a cascade step costs
+  :func:`training_cost_fraction` of one (equal compute: ``steps / training_cost_fraction`` cascade steps).
 * **Sampling** (:func:`ucgm.sampling.cascade_sampler.cascade_sample`, registry name ``cascade``): each level is
   sampled with the inner method's own sampler; a budget of ``n`` network calls is split over the levels by
   ``step_fractions`` (default :func:`~ucgm.sampling.cascade_sampler.default_step_fractions`: three quarters at
@@ -108,6 +110,25 @@ class Cascade(MethodWrapper):
         name, settings = self.inner.sampler()
         fractions = {} if self.step_fractions is None else {"step_fractions": list(self.step_fractions)}
         return "cascade", {"levels": self.levels, **fractions, "stage_sampler": name, "stage_settings": dict(settings)}
+
+
+def training_cost_fraction(level_weights: Sequence[float], spatial_axes: int = 2,
+                           level_costs: Optional[Sequence[float]] = None) -> float:
+    """The expected cost of one cascade training step relative to one step at the full resolution,
+    ``sum_l p_l c_l`` with ``p_l = w_l / sum(w)`` the odds of level ``l`` (:meth:`Cascade.choose_level`) and
+    ``c_l`` its cost relative to the top level: given as ``level_costs`` (e.g. measured seconds per step, the top
+    level last), else its pixel count ``c_l = 2^(-spatial_axes (L - 1 - l))`` (a convolutional network's compute
+    scales with the pixels). ``steps / training_cost_fraction(...)`` cascade steps cost what ``steps``
+    full-resolution steps cost."""
+    levels = len(level_weights)
+    weights = _check_weights("level_weights", level_weights, levels)
+    if level_costs is None:
+        if isinstance(spatial_axes, bool) or spatial_axes not in (1, 2):
+            raise ValueError(f"spatial_axes={spatial_axes!r} must be 1 (signals) or 2 (images)")
+        costs = [2.0 ** (-spatial_axes * (levels - 1 - level)) for level in range(levels)]
+    else:
+        costs = _check_weights("level_costs", level_costs, levels)
+    return sum(weight * cost for weight, cost in zip(weights, costs)) / sum(weights)
 
 
 def check_cascade_options(options: Mapping) -> dict:
