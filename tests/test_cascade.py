@@ -62,6 +62,31 @@ def test_cascade_with_the_exact_oracle_reproduces_the_gaussian_process():
     assert high.nfe == low.nfe == 31
 
 
+def test_refinement_from_an_intermediate_time_keeps_the_lower_level_and_spends_the_budget():
+    """With the exact oracle, a refinement started from the upsampled lower level noised to t_r = 0.5 keeps the
+    lower level exactly in its block means; it spends exactly its calls; t_r = 1 is the pure-noise refinement."""
+    signals = GaussianProcessSignals(length=16, lengthscale=2.0)
+    oracle = CascadeOracle(signals, make_transport("linear"))
+    noise = torch.randn(500, 1, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    settings = {"levels": 2, "stage_sampler": "heun", "step_fractions": [0.5, 0.5]}
+
+    def levels_of(**extra):
+        sampler = get_sampler("cascade", {**settings, **extra})
+        return sampler(oracle, oracle.transport, noise, None, 16, torch.Generator().manual_seed(1))
+
+    refined = levels_of(refine_time=0.5)
+    low = cascade_levels(oracle, oracle.transport, noise, None, [8, 8], get_sampler("heun"),
+                         torch.Generator().manual_seed(1))[0]
+    assert torch.allclose(downsample(refined.sample, 2), low.sample, atol=1e-6) and refined.nfe == 14  # Heun: 2 x 7
+    assert not torch.allclose(refined.sample, levels_of().sample, atol=1e-3)
+    assert torch.equal(levels_of(refine_time=1.0).sample, levels_of().sample)
+    with pytest.raises(ValueError, match=r"refine_time=0 must be a number in \(0, 1\]"):
+        levels_of(refine_time=0)
+    with pytest.raises(ValueError, match="needs a stage sampler with a time grid"):
+        get_sampler("cascade", {"levels": 2, "stage_sampler": "ddim", "refine_time": 0.5})(
+            oracle, oracle.transport, noise, None, 4, None)
+
+
 def test_a_cascade_ignoring_its_condition_breaks_the_refinement():
     """The negative control: refining without the low-resolution condition loses the lower level's sample."""
     signals = GaussianProcessSignals(length=16, lengthscale=2.0)
@@ -169,6 +194,9 @@ def test_bad_cascade_options_and_data_are_clear_errors():
         _cascade(levels=1)
     with pytest.raises(ValueError, match="2 non-negative numbers"):
         _cascade(level_weights=[1.0])
+    with pytest.raises(ValueError, match="refine_time=1.5 must be a number"):
+        _cascade(refine_time=1.5)
+    assert _cascade(refine_time=0.4).sampler()[1]["refine_time"] == 0.4
     method = _cascade()
     model = build_model({"name": "mlp", "data_dim": 2, "hidden": 8, "depth": 1, "conditions": ["low_res"]})
     with pytest.raises(ValueError, match="needs signals"):

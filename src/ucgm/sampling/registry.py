@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ..conventions import from_flow_matching_time, to_flow_matching_time, velocity_to_flow_matching
 from .caf_sampler import caf_sample
-from .cascade_sampler import cascade_sample, default_step_fractions, split_budget
+from .cascade_sampler import cascade_sample, check_refine_time, default_step_fractions, split_budget
 from .consistency_sampler import consistency_sample, multistep_consistency_sample
 from .dddm_sampler import dddm_sample
 from .flow_map_sampler import dyadic_grid, flow_map_grid, flow_map_sample
@@ -57,7 +57,7 @@ from .scm_sampler import scm_sample
 from .solvers import dpm_solver_pp_2m_sample, edm_stochastic_sample, euler_sample, heun_sample
 from .ucgm_sampler import ucgm_sample
 from ..models.skipping import StepSkipping, find_backbone
-from ..timegrids import checked_grid, uniform_grid
+from ..timegrids import checked_grid, kumaraswamy_grid, uniform_grid
 from ..transports import Transport
 from ..validation import check_positive_int
 
@@ -76,7 +76,7 @@ UCGM_SETTINGS = ("stochasticity", "extrapolation", "time_warp", "gaps", "cfg_sca
 ODE_SETTINGS = ("t_max",)
 #: Settings of a searched schedule (:mod:`ucgm.sampling.schedules`): an explicit grid, blocks skipped per step.
 GRID_SETTINGS = ("times", "skip_blocks")
-CASCADE_SETTINGS = ("levels", "step_fractions", "stage_sampler", "stage_settings")
+CASCADE_SETTINGS = ("levels", "step_fractions", "stage_sampler", "stage_settings", "refine_time")
 EDM_SETTINGS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 #: The official UCGM-S boundary gaps (g0, g1), read from :func:`~ucgm.sampling.ucgm_sampler.ucgm_sample`.
 DEFAULT_GAPS = tuple(inspect.signature(ucgm_sample).parameters["gaps"].default)
@@ -259,18 +259,44 @@ def _dddm(model, transport, noise, labels, nfe, generator, return_trajectory: bo
                        return_trajectory=return_trajectory, **settings)
 
 
+#: Stage samplers a cascade can start at a refinement time (they run an explicit grid, ``times``).
+REFINE_STAGE_SAMPLERS = ("ucgm", "ucgm-o2", "euler", "heun", "dpm++2m")
+
+
+def stage_grid(name: str, nfe: int, settings: Optional[Mapping[str, object]] = None) -> Tensor:
+    """The grid from t = 1 that stage sampler ``name`` runs at budget ``nfe``: UCGM-S its warped grid
+    (:func:`~ucgm.timegrids.kumaraswamy_grid` with its settings' warp and gaps), the ODE solvers the uniform one."""
+    if name not in REFINE_STAGE_SAMPLERS:
+        raise ValueError(f"a cascade refinement from refine_time < 1 needs a stage sampler with a time grid; "
+                         f"{name!r} has none; allowed: {', '.join(REFINE_STAGE_SAMPLERS)}")
+    if name in UCGM_SAMPLERS:
+        full = ucgm_settings(name, settings)
+        return kumaraswamy_grid(ucgm_intervals(name, nfe, full), full.get("time_warp", (1.0, 1.0, 1.0)),
+                                full.get("gaps", DEFAULT_GAPS))
+    return uniform_grid(two_call_intervals(nfe) if name == "heun" else nfe)
+
+
 def _cascade(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False, levels: int = 2,
              step_fractions: Optional[Sequence[float]] = None, stage_sampler: str = "ucgm",
-             stage_settings: Optional[Mapping[str, object]] = None) -> SampleResult:
+             stage_settings: Optional[Mapping[str, object]] = None, refine_time: float = 1.0) -> SampleResult:
     """A cascade (:mod:`~ucgm.sampling.cascade_sampler`): budget ``nfe`` split over ``levels`` by
-    ``step_fractions``, every level sampled by ``stage_sampler`` with ``stage_settings``."""
+    ``step_fractions``, every level sampled by ``stage_sampler`` with ``stage_settings``; ``refine_time < 1``:
+    the levels above 0 start from the upsampled lower level noised to that time and run the stage's own grid
+    scaled by it (:func:`stage_grid`)."""
     if return_trajectory:
         raise ValueError("the cascade sampler returns no trajectory (its levels have different shapes)")
     fractions = list(step_fractions or default_step_fractions(levels))
     if len(fractions) != levels:
         raise ValueError(f"step_fractions={fractions} must list one fraction per level ({levels})")
+    refine_time = check_refine_time(refine_time)
     stage = get_sampler(stage_sampler, stage_settings)
-    return cascade_sample(model, transport, noise, labels, split_budget(nfe, fractions), stage, generator)
+
+    def refine_stage(budget: int) -> BudgetedSampler:
+        times = (refine_time * stage_grid(stage_sampler, budget, stage_settings)).tolist()
+        return get_sampler(stage_sampler, {**(stage_settings or {}), "times": times})
+
+    return cascade_sample(model, transport, noise, labels, split_budget(nfe, fractions), stage, generator,
+                          refine_time, refine_stage if refine_time < 1 else None)
 
 
 def _flow_map(model, transport, noise, labels, nfe, generator, return_trajectory: bool = False,

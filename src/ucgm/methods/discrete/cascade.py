@@ -20,7 +20,8 @@ high-resolution steps, >50 % throughput at equal quality); everything below is u
   sampled with the inner method's own sampler; a budget of ``n`` network calls is split over the levels by
   ``step_fractions`` (default :func:`~ucgm.sampling.cascade_sampler.default_step_fractions`: three quarters at
   the lower levels), level ``l > 0`` conditioned on the
-  upsampled sample of level ``l - 1`` and started from fresh noise.
+  upsampled sample of level ``l - 1`` and started from fresh noise, or with ``refine_time`` ``t_r < 1`` from
+  that upsampled sample noised to ``t_r`` (its calls then spent on ``[0, t_r]``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ..base import Batch, Method, NetworkSpec, Networks, ObjectiveOutput
 from .wrapper import MethodWrapper, TransportView, with_condition
 
 CONDITION = "low_res"
-CASCADE_OPTIONS = ("levels", "level_weights", "step_fractions")
+CASCADE_OPTIONS = ("levels", "level_weights", "step_fractions", "refine_time")
 
 
 def _check_weights(name: str, values: Sequence, levels: int) -> list[float]:
@@ -45,6 +46,13 @@ def _check_weights(name: str, values: Sequence, levels: int) -> list[float]:
             isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values) or sum(values) <= 0:
         raise ValueError(f"cascade.{name}={values!r} must be {levels} non-negative numbers (one per level), not all 0")
     return [float(v) for v in values]
+
+
+def check_refine_time(refine_time: float) -> float:
+    """A cascade's refinement start time as a float in (0, 1]; ``ValueError`` otherwise."""
+    if isinstance(refine_time, bool) or not isinstance(refine_time, (int, float)) or not 0 < refine_time <= 1:
+        raise ValueError(f"refine_time={refine_time!r} must be a number in (0, 1] (1: refine from pure noise)")
+    return float(refine_time)
 
 
 class FixedConditionsTransport(TransportView):
@@ -68,7 +76,8 @@ class Cascade(MethodWrapper):
     :func:`ucgm.methods.discrete.wrapped_method`."""
 
     def __init__(self, inner: Method, conditioning: FixedConditionsTransport, levels: int = 2,
-                 level_weights: Optional[Sequence[float]] = None, step_fractions: Optional[Sequence[float]] = None):
+                 level_weights: Optional[Sequence[float]] = None, step_fractions: Optional[Sequence[float]] = None,
+                 refine_time: float = 1.0):
         super().__init__(inner)
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
             raise ValueError(f"cascade.levels={levels!r} must be an integer >= 2")
@@ -77,6 +86,7 @@ class Cascade(MethodWrapper):
         self.level_weights = _check_weights("level_weights", level_weights or [1.0] * levels, levels)
         self.step_fractions = None if step_fractions is None else _check_weights("step_fractions", step_fractions,
                                                                                   levels)
+        self.refine_time = check_refine_time(refine_time)
 
     def networks(self) -> dict[str, NetworkSpec]:
         return with_condition(self.inner.networks(), CONDITION)
@@ -109,7 +119,9 @@ class Cascade(MethodWrapper):
     def sampler(self) -> tuple[str, dict]:
         name, settings = self.inner.sampler()
         fractions = {} if self.step_fractions is None else {"step_fractions": list(self.step_fractions)}
-        return "cascade", {"levels": self.levels, **fractions, "stage_sampler": name, "stage_settings": dict(settings)}
+        refine = {} if self.refine_time == 1 else {"refine_time": self.refine_time}
+        return "cascade", {"levels": self.levels, **fractions, "stage_sampler": name, "stage_settings": dict(settings),
+                           **refine}
 
 
 def training_cost_fraction(level_weights: Sequence[float], spatial_axes: int = 2,
@@ -132,7 +144,7 @@ def training_cost_fraction(level_weights: Sequence[float], spatial_axes: int = 2
 
 
 def check_cascade_options(options: Mapping) -> dict:
-    """The ``cascade`` option ``{levels, level_weights, step_fractions}`` as keyword arguments of
+    """The ``cascade`` option ``{levels, level_weights, step_fractions, refine_time}`` as keyword arguments of
     :class:`Cascade` (clear errors for anything else)."""
     if not isinstance(options, Mapping):
         raise ValueError(f"cascade={options!r} must be a mapping such as {{levels: 2}}")
