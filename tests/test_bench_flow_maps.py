@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
 from ucgm.bench import flow_maps, report_flow_maps
 from ucgm.bench import main as bench_main
-from ucgm.bench.consistency import ConsistencySizes
-from ucgm.bench.flow_maps import DIGITS_ENTRIES, GMM_ENTRIES, TARGET_METHODS, targets, trends
+from ucgm.bench.flow_maps import DIGITS_ENTRIES, GMM_ENTRIES, TARGET_METHODS, FlowMapSizes, targets, trends
 from ucgm.methods.flow_maps import FLOW_MAP_METHODS
 from ucgm.sampling.registry import SAMPLER_NAMES
 
-TINY_SIZES = ConsistencySizes(gmm_steps=2, digits_steps=1, num_gmm=64, num_reference=256, num_digits=32,
-                              floor_repeats=2, timing_block_steps=1, timing_rounds=1)
+TINY_SIZES = FlowMapSizes(gmm_steps=2, digits_steps=1, num_gmm=64, num_reference=256, num_digits=32,
+                          floor_repeats=2, timing_block_steps=1, timing_rounds=1, sample_seeds=2)
 RECORD_KEYS = {"dataset", "method", "sampler", "nfe", "metric", "value"}
 NFES = (1, 2, 4, 8, 16)
 OWN_SAMPLERS = {"shortcut": "shortcut", "meanflow": "flow-map", "ctm": "flow-map", "ayf": "flow-map"}
@@ -47,7 +47,12 @@ def _check_report(report: dict, markdown: str, gmm_methods: set[str], digits_met
     assert set(details["digits"]["cost"]) == digits_methods | {"flow_matching"}
     assert set(details["targets"]) == {"holds_as_nfe_grows", "all_hold", "best_one_step", "meanflow_cost"}
     assert set(details["targets"]["holds_as_nfe_grows"]) == gmm_methods & set(TARGET_METHODS)
-    assert "## Flow maps" in markdown and "NFE 64" in markdown
+    for record in records:
+        spread = details[record["dataset"]]["sample_spread"][f"{record['dataset']}/{record['method']}/{record['nfe']}"]
+        assert record["value"] == statistics.fmean(spread["values"]) and spread["std"] == statistics.pstdev(
+            spread["values"])
+        assert len(set(spread["values"])) == TINY_SIZES.sample_seeds  # independent draws, not one seed repeated
+    assert "## Flow maps" in markdown and "NFE 64" in markdown and " ± " in markdown
 
 
 def test_flow_maps_section_at_toy_size(tmp_path, monkeypatch):

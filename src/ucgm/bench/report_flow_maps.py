@@ -4,8 +4,10 @@ training-step cost.
 
 JSON keys: ``flow_maps`` (records ``{dataset, method, sampler, nfe, metric, value}``; ``sliced_w2`` on the GMM,
 ``digits_fd`` on the digits), ``flow_maps_cost`` (``{method: GMM step time / flow-matching step time}``, measured
-interleaved) and ``flow_maps_details`` (sizes, floors, digits costs, trends, the targets' verdicts). Protocol:
-:mod:`ucgm.bench.flow_maps`; everything runs on one intra-op thread.
+interleaved) and ``flow_maps_details`` (sizes, floors, digits costs, sample-seed spreads, trends, the targets'
+verdicts). Every value is a mean over the sizes' sample seeds, the verdicts are on the means (protocol:
+:mod:`ucgm.bench.flow_maps`); the table shows mean +- the seeds' standard deviation. Everything runs on one
+intra-op thread.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ def run(quick: bool) -> dict:
         return run_flow_maps(QUICK if quick else FULL)
 
 
-def _dataset_table(records: list[dict], trends: dict, dataset: str, costs: dict[str, float]) -> list[str]:
+def _cell(value: float, spread: dict | None, best: bool) -> str:
+    mean = f"**{value:.4g}**" if best else f"{value:.4g}"
+    return mean if spread is None or len(spread["values"]) < 2 else f"{mean} ± {spread['std']:.2g}"
+
+
+def _dataset_table(records: list[dict], trends: dict, dataset: str, costs: dict[str, float], spread: dict
+                   ) -> list[str]:
     budgets = (*NFES, REFERENCE_NFE)
     lines = ["| method | sampler | " + " | ".join(f"NFE {nfe}" for nfe in budgets) +
              f" | NFE 16 <= {HOLD_TOLERANCE} x best | step cost / FM |",
@@ -33,7 +41,7 @@ def _dataset_table(records: list[dict], trends: dict, dataset: str, costs: dict[
         values = {record["nfe"]: record["value"] for record in records if record["method"] == method}
         trend = trends.get(f"{dataset}/{method}")
         best = trend["best_nfe"] if trend else None
-        cells = ["" if nfe not in values else f"**{values[nfe]:.4g}**" if nfe == best else f"{values[nfe]:.4g}"
+        cells = ["" if nfe not in values else _cell(values[nfe], spread.get(f"{dataset}/{method}/{nfe}"), nfe == best)
                  for nfe in budgets]
         holds = "" if trend is None else "yes" if trend["holds"] else "no"
         cost = f"{costs[method]:.2f}" if method in costs else ""
@@ -67,7 +75,9 @@ def markdown(report: dict) -> str:
              f"`objectives:` defaults (`ucgm train PRESET objective=NAME`), the same steps for every method of a "
              f"dataset; EMA weights; each method's own sampler from the same seeded noise; reference: "
              f"{FLOW_MATCHING} with {details['reference']['sampler']} at NFE {REFERENCE_NFE}. Step cost: "
-             f"like-for-like trainer step / flow-matching step, interleaved. Best NFE in bold.", ""]
+             f"like-for-like trainer step / flow-matching step, interleaved. Each value the mean over "
+             f"{details['sizes']['sample_seeds']} sample seed(s) (± their standard deviation), the verdicts on the "
+             f"means; best NFE in bold.", ""]
     costs = {"gmm": report["flow_maps_cost"], "digits": details["digits"]["cost"]}
     for dataset in ("gmm", "digits"):
         dataset_details = details[dataset]
@@ -80,7 +90,8 @@ def markdown(report: dict) -> str:
                   f"{dataset_details['steps']} training steps, overrides {', '.join(dataset_details['overrides'])}; "
                   f"floor of exact data {floor['mean']:.4g}{spread}; flow-matching step "
                   f"{dataset_details['flow_matching_step_seconds'] * 1e3:.1f} ms):", "",
-                  *_dataset_table(rows, details["trends"], dataset, costs[dataset]), ""]
+                  *_dataset_table(rows, details["trends"], dataset, costs[dataset],
+                                  dataset_details["sample_spread"]), ""]
     lines += _target_lines(details["targets"])
     if details["sizes"]["gmm_steps"] < 1000:
         lines.append("Quick size: the models are far from converged; the table checks the pipeline, not the methods.")
