@@ -37,14 +37,15 @@ def test_discrete_section(tmp_path, monkeypatch):
 
 def test_cascade_section(tmp_path, monkeypatch):
     monkeypatch.setattr(report_cascade, "QUICK", CascadeSizes(steps=2, num=16, single_nfe=4, cascade_nfes=(2, 4),
-                                                              timing_batch=2, timing_rounds=1))
+                                                              timing_batch=2, timing_rounds=1, refine_times=(1.0, 0.5)))
     report, table = _run(tmp_path, "cascade")
     result = report["cascade"]
     assert set(result) == {"throughput_ratio", "quality"} and set(result["quality"]) == {"cascade", "single"}
     assert result["throughput_ratio"] > 0 and all(math.isfinite(v) for v in result["quality"].values())
     rows = report["cascade_details"]["rows"]
-    assert [row["sampler"] for row in rows] == ["single", "cascade@2", "cascade@4"]
-    assert rows[2]["steps_per_level"] == [3, 1]
+    assert [row["sampler"] for row in rows] == ["single", "single (stage sampler)", "cascade@2", "cascade@4",
+                                                "cascade@2,t_r=0.5", "cascade@4,t_r=0.5"]
+    assert rows[3]["steps_per_level"] == [3, 1]
     steps = report["cascade_details"]["training_steps"]
     assert steps == equal_compute_steps(2) and steps["single"] == 2 < steps["cascade"]
     assert "Throughput ratio" in table
