@@ -12,9 +12,10 @@ seconds. Sampling goes through the user path (EMA weights from
 draw_samples`): the single model with UCGM-S at :attr:`CascadeSizes.single_nfe`, with the run's settings and with
 the cascade's stage sampler (UCGM-S with its defaults), the better of the two being the quality to match; the
 cascade with its own sampler (UCGM-S per level) at every budget of :attr:`CascadeSizes.cascade_nfes`, three
-quarters of the calls at 8x8, refining from every start time of :attr:`CascadeSizes.refine_times`. Quality: digits FD of the samples averaged back to 8x8 against the held-out split treated
-alike (:class:`~ucgm.metrics.discrete_suites.UpsampledDigitsSuite`, the metric of ``ucgm evaluate``), lower is
-better; pixel sliced W2 is recorded too.
+quarters of the calls at 8x8, refining from every start time of :attr:`CascadeSizes.refine_times`. Quality:
+digits FD of the samples averaged back to 8x8 against the held-out split treated alike
+(:class:`~ucgm.metrics.discrete_suites.UpsampledDigitsSuite`, the metric of ``ucgm evaluate``), lower is better;
+pixel sliced W2 is recorded too.
 
 Throughput: one batch of ``timing_batch`` samples per call, every sampler interleaved in one process
 (:func:`~ucgm.bench.timing.interleaved_medians`, one thread). The reported cascade is the fastest budget whose FD
