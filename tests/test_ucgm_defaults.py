@@ -129,15 +129,18 @@ def test_stable_order_two_spends_every_call_and_official_order_two_does_not():
         intervals = ucgm_intervals("ucgm-o2", nfe)
         oracle = gaussian_oracle()
         result = get_sampler("ucgm-o2")(oracle, oracle.transport, noise(8), None, nfe, None)
-        assert intervals == nfe // 2 + 1 and result.nfe == nfe
+        assert intervals == nfe and result.nfe == nfe  # each corrector call is the next step's prediction
+        without_reuse = {"reuse_corrector_call": False}
+        result = get_sampler("ucgm-o2", without_reuse)(oracle, oracle.transport, noise(8), None, nfe, None)
+        assert ucgm_intervals("ucgm-o2", nfe, without_reuse) == nfe // 2 + 1 and result.nfe == nfe
     assert ucgm_intervals("ucgm-o2-official", 8) == 4 and ucgm_intervals("ucgm-o2-official", 8, {"gaps": (0, 0)}) == 4
 
 
 def test_stable_order_two_converges_at_second_order_on_a_closed_form_ode():
     """Data N(m, s^2 I): the exact ODE endpoint of noise z is m + s z. Doubling the intervals divides the stable
     order-2 error by a ratio approaching 4 (measured 2.4, 2.7, 3.0 from 5 -> 9, 9 -> 17, 17 -> 33 intervals) and the
-    order-1 (Euler) error by one approaching 2 (1.9)."""
-    settings = {"time_warp": (1.0, 1.0, 1.0)}
+    order-1 (Euler) error by one approaching 2 (1.9). Without the reused call: N = n / 2 + 1 intervals."""
+    settings = {"time_warp": (1.0, 1.0, 1.0), "reuse_corrector_call": False, "extrapolation": 0.0}
     coarse, fine = ode_error("ucgm-o2", 33, settings), ode_error("ucgm-o2", 65, settings)  # 17 and 33 intervals
     euler_coarse, euler_fine = ode_error("euler", 17), ode_error("euler", 33)
     assert coarse / fine > 2.8 and euler_coarse / euler_fine < 2.1

@@ -9,7 +9,7 @@ uniform grid ``uniform_grid(N, t_max)`` (setting ``t_max``, default 1), EDM on i
 | name | sampler | intervals N for budget n | true NFE |
 |---|---|---|---|
 | ``ucgm`` | UCGM-S, order 1, ucgm's defaults (:data:`UCGM_DEFAULTS`) | N = n | n |
-| ``ucgm-o2`` | UCGM-S, stable order 2 (data-prediction corrector), ucgm's defaults | N = floor(n / 2) + 1, the first n - N corrected | n |
+| ``ucgm-o2`` | UCGM-S, stable order 2 (data-prediction corrector, each corrector call reused), ucgm's defaults | N = n, all but the last corrected | n |
 | ``ucgm-official`` | UCGM-S, order 1, the official defaults | N = n | n |
 | ``ucgm-o2-official`` | UCGM-S, official order 2 (gap ``g1 > 0``) | N = floor((n + 1) / 2) | 2N - 1 |
 | ``ucgm-o2-official`` | UCGM-S, official order 2 (gap ``g1 = 0``) | N = floor(n / 2) | 2N |
@@ -84,10 +84,12 @@ DEFAULT_GAPS = tuple(inspect.signature(ucgm_sample).parameters["gaps"].default)
 #: than the benchmark's): the grid runs from t = 1 to t = 0 without end gaps (the official gap g1 = 0.001 spends
 #: the last call at t ~ 0.001, where the prediction equals the state), warped toward the data end, and the data
 #: prediction is extrapolated from the second step on (a multistep update at one call per step).
-UCGM_DEFAULTS = {"gaps": (0.0, 0.0), "time_warp": (1.0, 1.4, 1.0), "extrapolation": 0.3, "extrapolation_form": "data"}
-#: ucgm's stable order 2: the data-prediction corrector (never divides by gamma, which vanishes at t = 1), no end
-#: gaps, the order-1 warp, every call spent (the last interval, ending at t = 0, is never corrected).
-UCGM_O2_DEFAULTS = {"gaps": (0.0, 0.0), "time_warp": (1.0, 1.4, 1.0), "corrector": "data"}
+UCGM_DEFAULTS = {"gaps": (0.0, 0.0), "time_warp": (1.0, 1.7, 1.0), "extrapolation": 0.4, "extrapolation_form": "data"}
+#: ucgm's stable order 2: the data-prediction corrector (never divides by gamma, which vanishes at t = 1) whose
+#: call is the next step's prediction (n calls, n intervals, all but the last corrected), no end gaps, the
+#: order-1 warp, the data-form extrapolation of the predictor.
+UCGM_O2_DEFAULTS = {"gaps": (0.0, 0.0), "time_warp": (1.0, 1.7, 1.0), "corrector": "data",
+                    "reuse_corrector_call": True, "extrapolation": 0.3, "extrapolation_form": "data"}
 #: The UCGM-S registry names: (order, default settings); ``*-official`` are the official sampler (parity).
 UCGM_SAMPLERS = {"ucgm": (1, UCGM_DEFAULTS), "ucgm-o2": (2, UCGM_O2_DEFAULTS), "ucgm-official": (1, {}),
                  "ucgm-o2-official": (2, {})}
