@@ -124,6 +124,28 @@ def test_exact_denoiser_samples_decode_to_the_table():
     assert tv < 2 * floor + 0.01, (tv, floor)
 
 
+
+@pytest.mark.parametrize("preset", ["categorical-bits", "digits-bits"])
+def test_bit_presets_regress_the_mean_of_the_target(preset):
+    """The bit presets' UCGM-T loss is minimised by the target's mean (pix2seq's MSE), not by its geometric median,
+    which huber_constant 0 (the per-sample RMS) picks: for bit targets the median is the majority value."""
+    from ucgm.cli.components import accepted_keys
+    from ucgm.cli.config import resolve_config
+    from ucgm.methods.diffusion.ucgm import UCGMObjective
+
+    huber = resolve_config(preset, [], accepted_keys)["objective"]["huber_constant"]
+    targets = torch.ones(1000, 6)
+    targets[:100] = -1.0  # mean 0.8, geometric median 1
+    levels = torch.linspace(0.0, 1.2, 1201)
+
+    def minimiser(objective: UCGMObjective) -> float:
+        losses = [objective.per_sample_loss(torch.full_like(targets, float(v)), targets).mean() for v in levels]
+        return float(levels[int(torch.stack(losses).argmin())])
+
+    assert minimiser(UCGMObjective(huber_constant=huber)) == pytest.approx(0.8, abs=0.01)
+    assert minimiser(UCGMObjective(huber_constant=0.0)) == pytest.approx(1.0, abs=0.01)
+
+
 # --------------------------------------------------------------------------------------- self-conditioning
 class RecordingModel(torch.nn.Module):
     """A linear network that accepts ``self_condition`` and records what it gets."""
