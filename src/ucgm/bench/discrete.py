@@ -2,8 +2,8 @@
 with and without self-conditioning, and the quantised digits' FD.
 
 Every model is trained by ucgm's trainer (:func:`~ucgm.cli.train.run_training`) from the presets
-``categorical-bits`` and ``digits-bits`` (``objective.consistency_ratio`` 0 or 1, ``objective.self_conditioning``
-as the preset or ``null``), seed 0, the same steps for every row of a dataset, in a temporary directory; the
+``categorical-bits`` and ``digits-bits`` (``objective.consistency_ratio`` 0 or 1, at 1 with ``huber_constant`` 1,
+``objective.self_conditioning`` as the preset or ``null``), seed 0, the same steps for every row of a dataset, in a temporary directory; the
 EMA weights are read back as ``ucgm sample`` reads them (:func:`~ucgm.training.loading.load_checkpoint_model`:
 self-conditioned runs sample through their estimate-carrying transport) and sampled with UCGM-S from the seeded
 noise of ``ucgm evaluate`` (:func:`~ucgm.analysis.reports.draw_samples`): deterministic (the run's settings) at
