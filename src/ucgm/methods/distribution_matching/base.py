@@ -49,7 +49,10 @@ class MatchingOptions:
     """The options every distribution-matching method takes (``objective.KEY``); a method's options class adds its
     own and sets its official defaults. ``fake_score_ema``: ``None`` (the official methods) reads the trained fake
     score in the generator's loss; a decay ``d`` keeps an EMA of the fake score (``ema <- d ema + (1 - d) theta``
-    after every fake-score update) and reads that instead (a deviation, see ``docs/distribution_matching.md``)."""
+    after every fake-score update) and reads that instead (a deviation, see ``docs/distribution_matching.md``).
+    ``matching_noise_draws`` ``m``: noise draws of ``x_t`` per sample (at its one level) in the matching gradient,
+    their normaliser pooled (1: the official methods; more: for data of few features, where one draw's normaliser is
+    heavy-tailed)."""
 
     teacher: Any = None
     teacher_transport: Optional[Union[Transport, str]] = None
@@ -61,6 +64,7 @@ class MatchingOptions:
     fake_time_range: Sequence[float] = FULL_TIME_RANGE
     null_label: Optional[int] = None
     fake_score_ema: Optional[float] = None
+    matching_noise_draws: int = 1
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class DistributionMatchingMethod(Method):
         generator_steps = getattr(options, "generator_steps", 1)
         check_positive_int("generator_steps", generator_steps)
         check_positive_int("update_ratio", options.update_ratio)
+        check_positive_int("matching_noise_draws", options.matching_noise_draws)
         check_choice("fake_score_init", options.fake_score_init, FAKE_SCORE_INITS)
         if options.fake_score_model is not None and not isinstance(options.fake_score_model, dict):
             raise ValueError(f"fake_score_model={options.fake_score_model!r} must be a mapping of model options or null")
@@ -121,6 +126,7 @@ class DistributionMatchingMethod(Method):
         self.matching_time_range = check_fraction_range("matching_time_range", options.matching_time_range)
         self.fake_time_range = check_fraction_range("fake_time_range", options.fake_time_range)
         self.fake_score_ema = options.fake_score_ema
+        self.matching_noise_draws = options.matching_noise_draws
 
     # ------------------------------------------------------------------------------------ declaration
     def fake_score_spec(self) -> NetworkSpec:
@@ -187,17 +193,23 @@ class DistributionMatchingMethod(Method):
 
     def matching_loss(self, x: Tensor, labels: Optional[Tensor], networks: Networks,
                       generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """DMD's distribution-matching loss on generator samples ``x`` (with gradient), times in
-        ``matching_time_range``, fake score and teacher without gradient."""
+        """DMD's distribution-matching loss on generator samples ``x`` (with gradient), one time per sample in
+        ``matching_time_range`` and ``matching_noise_draws`` noise draws at it, fake score and teacher without
+        gradient."""
+        draws = self.matching_noise_draws
         t = karras_index_times(self.transport.path, x.shape[0], self.matching_time_range, generator, x.dtype,
                                x.device)
-        noise = draw_noise(x, None, generator)
         with torch.no_grad():
             samples = x.detach()
-            x_t = self.transport.interpolate(samples, noise, t)
-            real = self.real_score(x_t, t, labels)
-            fake = fake_data_prediction(self.matching_fake_score(networks), self.transport, x_t, t, labels)
-            gradient = distribution_matching_gradient(samples, real, fake)
+            repeated = samples.repeat(draws, *([1] * (x.dim() - 1)))
+            times = t.repeat(draws)
+            noise = draw_noise(repeated, None, generator)
+            x_t = self.transport.interpolate(repeated, noise, times)
+            drawn_labels = None if labels is None else labels.repeat(draws)
+            real = self.real_score(x_t, times, drawn_labels)
+            fake = fake_data_prediction(self.matching_fake_score(networks), self.transport, x_t, times, drawn_labels)
+            gradient = distribution_matching_gradient(samples, real.reshape(draws, *x.shape),
+                                                      fake.reshape(draws, *x.shape))
         return distribution_matching_loss(x, gradient)
 
     def fake_score_terms(self, networks: Networks, batch: Batch) -> tuple[Tensor, dict]:

@@ -10,8 +10,8 @@ alpha^2`` and every loss below is transport-agnostic (distribution_matching.md Â
   ``real_guidance_scale``; the fake score is never guided).
 * **Distribution-matching gradient** (:func:`distribution_matching_gradient`, DMD2
   ``compute_distribution_matching_loss``): ``g = (x_hat_fake - x_hat_real) / mean_features |x - x_hat_real|`` per
-  sample, non-finite values set to 0; :func:`distribution_matching_loss` ``L = 0.5 mean((x - sg(x - g))^2)`` injects
-  it (``dL/dx = g / numel``). Descent moves ``x`` along ``x_hat_real - x_hat_fake``, i.e. along
+  sample (several noise draws per sample: their mean over the pooled normaliser), non-finite values set to 0;
+  :func:`distribution_matching_loss` ``L = 0.5 mean((x - sg(x - g))^2)`` injects it (``dL/dx = g / numel``). Descent moves ``x`` along ``x_hat_real - x_hat_fake``, i.e. along
   ``s_real - s_fake``: the reverse-KL gradient, normalised per sample.
 * **Fake-score loss** (:func:`fake_score_loss`): the run transport's own regression on (detached) generator
   samples, ``mean ||F(x_t, t) - (alpha_hat z + gamma_hat x)||^2``; its minimiser is the posterior mean of the
@@ -86,10 +86,16 @@ def per_sample_mean(values: Tensor) -> Tensor:
 
 
 def distribution_matching_gradient(x: Tensor, real: Tensor, fake: Tensor) -> Tensor:
-    """``g = (fake - real) / mean_features |x - real|`` per sample (DMD2's ``(p_real - p_fake) / weight_factor``
-    with ``p = x - x_hat``), non-finite entries replaced by 0 (``nan_to_num``)."""
-    normaliser = broadcast_time(per_sample_mean((x - real).abs()), x)
-    return torch.nan_to_num((fake - real) / normaliser)
+    """``g = mean_d (fake_d - real_d) / mean_{d, features} |x - real_d|`` per sample over the leading axis ``d`` of
+    ``real`` and ``fake`` (``(draws, *x.shape)``: noise draws of ``x_t`` at the sample's level), non-finite entries
+    replaced by 0 (``nan_to_num``). One draw is DMD2's ``(p_real - p_fake) / weight_factor`` with ``p = x - x_hat``;
+    several pool the normaliser, an estimate of ``E|x - x_hat_real|`` at the level whose relative spread falls as
+    ``1 / sqrt(draws * features)`` (``docs/distribution_matching.md`` section 5: with 2 features one draw makes
+    ``1 / normaliser`` heavy-tailed)."""
+    if real.shape != fake.shape or real.shape[1:] != x.shape:
+        raise ValueError(f"real {tuple(real.shape)} and fake {tuple(fake.shape)} must be (draws, *{tuple(x.shape)})")
+    normaliser = broadcast_time(per_sample_mean((x - real).abs().transpose(0, 1)), x)
+    return torch.nan_to_num((fake - real).mean(dim=0) / normaliser)
 
 
 def distribution_matching_loss(x: Tensor, gradient: Tensor) -> tuple[Tensor, Tensor]:
