@@ -14,6 +14,7 @@ from training_fixtures import TINY_GMM, losses
 from ucgm.cli import main
 from ucgm.training.checkpoint import latest_checkpoint, read_checkpoint_info, read_state, read_weights
 from ucgm.cli.config import read_yaml_mapping
+from ucgm.cli.tune import recipe_for_steps
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,30 @@ def test_train_writes_config_stats_and_checkpoints(trained_run):
     info = read_checkpoint_info(trained_run)
     assert info.step == 20 and info.groups == ["ema", "model", "reference"] and info.num_classes == 8
     assert info.normalisation == {"kind": "affine", "scale": 1.0, "shift": 0.0}
+
+
+def test_a_named_tune_recipe_is_merged_over_the_tune_section(trained_run, tmp_path, capsys):
+    source = read_yaml_mapping(trained_run / "config.yaml")
+    long = source["tune_recipes"]["long"]
+    tuned = tmp_path / "tuned-long"
+    assert main(["tune", str(trained_run), "--recipe", "long", "--run-dir", str(tuned), "--steps", "2",
+                 "--checkpoint-every", "2"]) == 0
+    config = read_yaml_mapping(tuned / "config.yaml")
+    assert config["optimizer"]["lr"] == long["optimizer"]["lr"] != source["tune"]["optimizer"]["lr"]
+    assert config["training"]["ema"]["decay"] == long["training"]["ema"]["decay"] != \
+        source["tune"]["training"]["ema"]["decay"]
+    assert config["optimizer"]["grad_clip"] == source["tune"]["optimizer"]["grad_clip"]  # from tune: itself
+    assert config["objective"]["consistency_ratio"] == 1.0 and config["training"]["steps"] == 2
+    assert main(["tune", str(trained_run), "--recipe", "lng", "--run-dir", str(tmp_path / "x")]) == 2
+    assert "tune recipe 'lng' is not in the config's tune_recipes section (recipes: long)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_recipe_for_a_tuning_length_is_the_one_stated_for_the_nearest_length():
+    config = {"tune": {"training": {"steps": 300}}, "tune_recipes": {"long": {"training": {"steps": 3000}}}}
+    assert [recipe_for_steps(config, steps) for steps in (100, 300, 900, 1000, 5000)] == \
+        [None, None, None, "long", "long"]  # the boundary is the geometric mean, 949
+    assert recipe_for_steps({"tune": {"optimizer": {"lr": 1e-3}}}, 3000) is None
 
 
 def test_help_version_and_unknown_command(capsys):

@@ -8,8 +8,9 @@ preset), seed 0, the same number of steps for every method of a dataset:
   mixture oracle). Rows: ``cd``, ``ct``, ``ict``, ``mcm``, ``scm`` (sCT on TrigFlow) from scratch; ``ect`` tuned
   from the flow-matching run; ``tcm`` stage 2 initialised from the ``ect`` run (its stage 1, a standard CM) with
   learning rate 3e-5 (the gmm preset's comment: higher rates drift away from the stage-1 model);
-  ``ucgm (lambda=1)`` tuned from the flow-matching run with the preset's ``tune:`` recipe (no enhanced target, which
-  needs labels); and the flow-matching run itself as the multi-step reference.
+  ``ucgm (lambda=1)`` tuned from the flow-matching run with the preset's tuning recipe stated for the length nearest
+  to the section's steps (:func:`~ucgm.cli.tune.recipe_for_steps`: ``tune_recipes.long`` at 3000 steps, ``tune:``
+  at 300; no enhanced target, which needs labels); and the flow-matching run itself as the multi-step reference.
 * digits (class-conditional 8x8 digits, UNet with 16 base channels, batch 64): ``ct`` and ``scm`` from scratch and
   the flow-matching reference.
 
@@ -54,7 +55,7 @@ from ..cli.components import accepted_keys
 from ..cli.config import read_yaml_mapping, resolve_config
 from ..cli.train import CONFIG_FILE, run_training
 from ..cli.sample import load_checkpoint_model
-from ..cli.tune import tune_config
+from ..cli.tune import recipe_for_steps, tune_config, tune_recipe
 from .throughput import like_for_like, make_trainer, single_thread, trainer_block, training_setup
 from .timing import interleaved_medians
 
@@ -159,8 +160,9 @@ def _run_config(preset: str, base: tuple[str, ...], method: Method, steps: int, 
     length = [f"training.steps={steps}", f"training.checkpoint_every={steps}", f"training.log_every={steps}"]
     if method.tuned:
         source = read_yaml_mapping(run_dirs[method.start] / CONFIG_FILE)
-        recipe = {"name": method.objective, **source["tune"]["objective"], "enhanced_ratio": 0.0}
-        return tune_config(run_dirs[method.start], _objective_overrides(recipe) + length)
+        name = recipe_for_steps(source, steps)
+        recipe = {"name": method.objective, **tune_recipe(source, name)["objective"], "enhanced_ratio": 0.0}
+        return tune_config(run_dirs[method.start], _objective_overrides(recipe) + length, name)
     start = [] if method.start is None else [f"init.checkpoint={run_dirs[method.start]}", "init.weights=ema"]
     overrides = list(base) + [f"objective={method.objective}", *method.overrides, *length, *start]
     return resolve_config(preset, overrides, accepted_keys)

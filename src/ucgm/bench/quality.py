@@ -4,8 +4,9 @@ Euler at 250 NFE, and classifier-free guidance vs autoguidance.
 Models are trained by ucgm's own trainer into a temporary directory (deterministic, seed 0):
 
 * GMM: the ``gmm`` preset (8 Gaussians, unconditional) with ``objective=flow_matching`` (the multi-step model),
-  and a few-step model tuned from it with the preset's ``tune:`` recipe (UCGM-T, consistency ratio 1; without the
-  enhanced target, which needs class labels).
+  and a few-step model tuned from it with the preset's tuning recipe stated for the length nearest to
+  ``tune_steps`` (:func:`~ucgm.cli.tune.recipe_for_steps`; the ``tune:`` section at 300; UCGM-T, consistency ratio
+  1; without the enhanced target, which needs class labels).
 * digits: the ``digits`` preset with ``objective=flow_matching`` (class-conditional, 16 base channels, label
   dropout 0.1 so that classifier-free guidance has a null label).
 * guidance (:mod:`ucgm.bench.guidance`): the class-conditional GMM (flow matching, label dropout 0.1) and, as
@@ -60,7 +61,7 @@ from ..cli.config import resolve_config
 from ..sampling.seeded import fresh_noise_source, initial_noise
 from ..cli.train import run_training
 from ..cli.sample import load_checkpoint_model
-from ..cli.tune import tune_config
+from ..cli.tune import recipe_for_steps, tune_config, tune_recipe
 from .guidance import class_metrics, digits_class_accuracy, guidance_records, mixture_coverage
 
 QUALITY_NFES = (4, 8, 16)
@@ -128,9 +129,11 @@ def train_gmm_models(workdir: Path, sizes: QualitySizes) -> tuple[Path, Path]:
                                     f"training.steps={sizes.gmm_steps}", f"training.checkpoint_every={sizes.gmm_steps}",
                                     "training.log_every=100"], accepted_keys)
     run_training(config, multi_dir, progress=False)
-    tune_objective = {"name": "ucgm", **config["tune"]["objective"], "enhanced_ratio": 0.0}  # unconditional data
+    recipe = recipe_for_steps(config, sizes.tune_steps)
+    tune_objective = {"name": "ucgm", **tune_recipe(config, recipe)["objective"],
+                      "enhanced_ratio": 0.0}  # unconditional data
     run_training(tune_config(multi_dir, _objective_overrides(tune_objective) + [
-        f"training.steps={sizes.tune_steps}", f"training.checkpoint_every={sizes.tune_steps}"]), few_dir,
+        f"training.steps={sizes.tune_steps}", f"training.checkpoint_every={sizes.tune_steps}"], recipe), few_dir,
         progress=False)
     return multi_dir, few_dir
 

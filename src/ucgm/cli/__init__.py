@@ -97,13 +97,15 @@ def _train(argv: Sequence[str]) -> int:
 def _tune(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="ucgm tune", description=COMMANDS["tune"])
     parser.add_argument("source", help="multi-step checkpoint: run directory, checkpoint directory or model.safetensors")
+    parser.add_argument("--recipe", help="a named recipe of the config's tune_recipes: section, merged over tune: "
+                                         "(e.g. long: the gmm and digits presets' recipe for longer tuning)")
     _training_flags(parser)
     args = parser.parse_intermixed_args(argv)
     from .train import run_training
     from .tune import tune_config
 
-    run_dir = run_training(tune_config(args.source, _flag_overrides(args)), args.run_dir, progress=args.progress,
-                           allow_changes=args.allow_changes)
+    run_dir = run_training(tune_config(args.source, _flag_overrides(args), args.recipe), args.run_dir,
+                           progress=args.progress, allow_changes=args.allow_changes)
     _report(f"ucgm: tuning finished in {run_dir}")
     return 0
 

@@ -2,8 +2,9 @@
 
 A config is a nested dict with the sections of :data:`SECTIONS`. The *closed* sections (``transport``,
 ``optimizer``, ``training``, ``sampling``, ``init``) have the fixed keys of the dataclasses below; the *open*
-sections (``data``, ``model``, ``objective``, ``tune``, ``objectives``) are handed to the builders of those
-components (``tune`` is merged over the config by ``ucgm tune``; ``objectives`` holds a preset's per-objective
+sections (``data``, ``model``, ``objective``, ``tune``, ``tune_recipes``, ``objectives``) are handed to the builders of
+those components (``tune`` is merged over the config by ``ucgm tune``, ``tune_recipes.NAME`` over ``tune`` by
+``ucgm tune --recipe NAME``; ``objectives`` holds a preset's per-objective
 defaults, applied by the ``objective=NAME`` override, see :func:`ucgm.cli.config.switch_objective`), which check
 their own keys.
 """
@@ -62,7 +63,7 @@ CLOSED_SECTIONS: dict[str, type] = {
     "init": InitConfig,
 }
 SECTIONS = ("data", "model", "transport", "objective", "networks", "optimizer", "training", "sampling", "init",
-            "tune", "objectives")
+            "tune", "tune_recipes", "objectives")
 #: Open sections whose keys are checked by the component that reads them (``networks.ROLE.optimizer.lr``: the
 #: method's networks, see :func:`ucgm.training.networks.build_networks`).
 FREE_SECTIONS = ("networks",)

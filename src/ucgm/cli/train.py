@@ -56,8 +56,9 @@ RESUMABLE_CHANGES = ("training.steps", "training.kimg", "training.log_every", "t
                      "training.keep_last", "training.sample_every", "training.dist_timeout", "training.device",
                      "training.threads", "training.data_workers", "training.data_prefetch")
 #: Sections that do not change a run once it has started: sampling defaults, the preset's defaults for other
-#: objectives (the chosen one's are already merged into ``objective``) and the ``tune:`` recipe for ``ucgm tune``.
-RESUMABLE_SECTIONS = ("sampling.", "objectives.", "tune.")
+#: objectives (the chosen one's are already merged into ``objective``) and the ``tune:`` / ``tune_recipes:`` recipes
+#: for ``ucgm tune``.
+RESUMABLE_SECTIONS = ("sampling.", "objectives.", "tune.", "tune_recipes.")
 ALLOW_CHANGES_HINT = "resume with the same settings, choose a new --run-dir, or pass --allow-changes"
 
 
