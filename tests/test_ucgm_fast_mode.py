@@ -11,7 +11,7 @@ from training_fixtures import TINY_GMM
 
 from ucgm.cli import main
 from ucgm.methods import UCGMObjective
-from ucgm.methods.diffusion.ucgm import MODES
+from ucgm.methods.diffusion.ucgm import MODES, native_bfloat16, reference_autocast_dtype
 
 NULL = 3
 
@@ -105,14 +105,39 @@ def test_fast_lambda_one_target_approaches_parity_at_first_order_in_eps():
     assert gaps[0] / gaps[1] == pytest.approx(2.0, rel=0.05)
 
 
-def test_fast_reference_passes_run_in_bfloat16_within_its_rounding():
-    """float32: the fast enhanced target differs from the parity one by bfloat16 rounding of the reference only."""
+def _fast_vs_parity_gap(precision: str) -> tuple[float, float]:
+    """float32 batch: the largest |fast - parity| of the enhanced target with ``reference_precision=precision``, and
+    the parity target's size."""
     model, reference = TinyModel(seed=0), TinyModel(seed=1)
     data, noise, time, labels = _labelled_batch(torch.float32)
     targets = [_target(UCGMObjective("linear", enhanced_ratio=0.5, enhanced_style="fc-vs-fe", label_dropout=0.0,
-                                     mode=mode), model, reference, data, noise, time, labels) for mode in MODES]
-    gap = (targets[1] - targets[0]).abs().max()
-    assert 0 < gap <= 2**-7 * targets[0].abs().max()
+                                     mode=mode, reference_precision=precision),
+                       model, reference, data, noise, time, labels) for mode in MODES]
+    return float((targets[1] - targets[0]).abs().max()), float(targets[0].abs().max())
+
+
+def test_fast_reference_passes_run_in_bfloat16_within_its_rounding():
+    """float32: the fast enhanced target differs from the parity one by bfloat16 rounding of the reference only."""
+    gap, size = _fast_vs_parity_gap("bfloat16")
+    assert 0 < gap <= 2**-7 * size
+
+
+def test_fast_reference_passes_in_full_precision_match_parity():
+    """``reference_precision=float32``: only the row subsets differ from parity, which a row-wise network does not
+    see (the targets agree to float32 rounding, far below bfloat16's)."""
+    gap, size = _fast_vs_parity_gap("float32")
+    assert gap <= 1e-6 * size
+
+
+def test_auto_reference_precision_follows_the_device():
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if native_bfloat16(cpu) else None
+    assert reference_autocast_dtype("auto", cpu) == expected
+    assert reference_autocast_dtype("bfloat16", cpu) == torch.bfloat16
+    assert reference_autocast_dtype("float32", cpu) is None
+    with pytest.raises(ValueError, match=r"reference_precision='half' is not allowed; allowed values: 'auto', "
+                                         r"'bfloat16', 'float32'"):
+        UCGMObjective("linear", mode="fast", reference_precision="half")
 
 
 def test_mode_errors_name_the_allowed_values():
