@@ -148,8 +148,10 @@ def _data_prediction_at(model: Callable, transport: Transport, data: Tensor, noi
         return transport.predict(model, transport.interpolate(data, noise, t), t, labels).data
 
 
+@functools.lru_cache(maxsize=None)
 def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 natively (CUDA with bf16 support; a CPU whose oneDNN has bf16 kernels)."""
+    """Whether ``device`` computes bfloat16 natively (CUDA with bf16 support; a CPU whose oneDNN has bf16 kernels).
+    Asked once per device: fast mode reads it on every reference pass."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
