@@ -86,8 +86,8 @@ def test_lambda_one_target_formula_and_passes():
     objective = UCGMObjective("linear", consistency_ratio=1.0, label_dropout=0.0)
     model.calls.clear()
     got = objective(model, data, labels, time=time, noise=noise)
-    # one pass with gradient, one no-grad pass each for t + eps and t - eps (each sees the online dropout masks)
-    assert model.calls == [(16, True), (16, False), (16, False)]
+    # one no-grad pass each for t + eps and t - eps (each sees the online dropout masks), then the online pass
+    assert model.calls == [(16, False), (16, False), (16, True)]
     with torch.no_grad():
         x_t = (1 - time[:, None]) * data + time[:, None] * noise
         output = model(x_t, time, labels)
@@ -108,7 +108,7 @@ def test_hybrid_ratio_uses_model_at_scaled_time():
     objective = UCGMObjective("linear", consistency_ratio=0.5, label_dropout=0.0)
     model.calls.clear()
     got = objective(model, data, labels, time=time, noise=noise)
-    assert model.calls == [(16, True), (16, False)]
+    assert model.calls == [(16, False), (16, True)]
     with torch.no_grad():
         x_t = (1 - time[:, None]) * data + time[:, None] * noise
         output = model(x_t, time, labels)
@@ -148,6 +148,23 @@ def test_enhanced_target_rules_and_pass_counts():
                                  (truth + conditional) / 2)
             target = torch.where((labels == 3)[:, None], (truth + unconditional) / 2, target)
         torch.testing.assert_close(got.loss, ((online - target) ** 2).mean(1).sqrt().mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({"consistency_ratio": 1.0, "enhanced_style": "fc-vs-xz"}, [(16, False)] * 3 + [(16, True)]),
+    ({"consistency_ratio": 1.0, "enhanced_style": "fc-vs-xz", "mode": "fast"}, [(16, False)] * 2 + [(16, True)]),
+    ({"consistency_ratio": 0.5, "enhanced_style": "fc-vs-fe"}, [(16, False)] * 3 + [(16, True)]),
+    ({"consistency_ratio": 1.0, "enhanced_style": "ft-vs-fe"}, [(16, False), (16, True), (16, False), (16, False)]),
+])
+def test_no_gradient_passes_run_before_the_online_pass_unless_they_read_it(options, expected):
+    """Reference and tangent passes run before the online pass, which frees their temporaries before its graph is
+    built; after an ``ft-vs-fe`` enhanced pair (read from the online prediction) the tangent passes follow it."""
+    model, reference = TinyModel(seed=0), TinyModel(seed=1)
+    reference.calls = model.calls  # one log of both networks' calls, in order
+    data, noise, time, labels = _batch(seed=6)
+    objective = UCGMObjective("linear", enhanced_ratio=0.5, label_dropout=0.0, **options)
+    objective(model, data, labels, reference_model=reference, time=time, noise=noise)
+    assert model.calls == expected
 
 
 class MaskRecorder(torch.nn.Module):

@@ -18,7 +18,10 @@ One step, with ``t ~ clamp(k * Beta(a, b), 0, 1)``, ``z ~ N(0, I)`` and ``x_t = 
 Randomness: every draw comes from ``generator``; every network pass of one loss (online, enhanced-target,
 tangent) runs under the same seeded dropout RNG (:func:`~ucgm.methods.base.shared_randomness`), as the official code
 restores the online pass's RNG state before its tangent passes and its ``ft-vs-fe`` pass. Deviation: the
-``fc-vs-xz`` reference pass shares it too (the official code draws fresh dropout masks there).
+``fc-vs-xz`` reference pass shares it too (the official code draws fresh dropout masks there). So the order of the
+passes does not change a number: the no-gradient passes that do not read the online prediction (all but the tangent
+passes after an ``ft-vs-fe`` enhanced pair) run before the online pass, which keeps their temporaries out of the
+step's peak memory (the official code runs them after it).
 
 Fast mode (``mode="fast"``, ucgm's own; the default ``mode="parity"`` is the official computation bit for bit):
 
@@ -307,11 +310,12 @@ class UCGMObjective(Objective):
         conditional_mix = torch.where(in_range, guided, (value + conditional) * 0.5)
         return torch.where(dropped, (value + reference) * 0.5, conditional_mix)
 
-    def _enhanced_predictions(self, model, reference_model, x_t, t, labels, null_label, online, data, noise,
-                              in_range, dropped, same_dropout):
-        """``(x_c, z_c), (x_u, z_u)`` of the chosen enhanced style, each reference pass under ``same_dropout``.
-        In ``fast`` mode a reference pass runs only on the rows :meth:`_enhance` reads from it (the conditional one
-        on the kept labels, the unconditional one in range or dropped) and holds zeros on the others."""
+    def _reference_predictions(self, reference_model, x_t, t, labels, null_label, in_range, dropped, same_dropout
+                               ) -> tuple[Optional[Prediction], Optional[Prediction]]:
+        """The reference network's passes of step 2, ``(conditional, unconditional)``, each under ``same_dropout``;
+        ``None`` where the style reads the online prediction (``ft-vs-fe``'s conditional) or the truth
+        (``fc-vs-xz``'s reference). In ``fast`` mode a pass runs only on the rows :meth:`_enhance` reads from it (the
+        conditional one on the kept labels, the unconditional one in range or dropped) and holds zeros on the others."""
         transport = self.transport
         nulls = torch.full_like(labels, null_label)
 
@@ -323,14 +327,21 @@ class UCGMObjective(Objective):
             with same_dropout():
                 return transport.predict(reference_model, x_t, t, conditioning)
 
-        if self.enhanced_style == "ft-vs-fe":
-            reference = reference_prediction(nulls, in_range | dropped)
-            return (online.data.detach(), online.noise.detach()), (reference.data, reference.noise)
-        conditional = reference_prediction(labels, ~dropped)
-        if self.enhanced_style == "fc-vs-fe":
-            unconditional = reference_prediction(nulls, in_range | dropped)
-            return (conditional.data, conditional.noise), (unconditional.data, unconditional.noise)
-        return (conditional.data, conditional.noise), (data, noise)
+        conditional = None if self.enhanced_style == "ft-vs-fe" else reference_prediction(labels, ~dropped)
+        unconditional = None if self.enhanced_style == "fc-vs-xz" else reference_prediction(nulls, in_range | dropped)
+        return conditional, unconditional
+
+    def _enhanced_pair(self, references: tuple[Optional[Prediction], Optional[Prediction]],
+                       online: Optional[Prediction], data: Tensor, noise: Tensor, in_range: Tensor, dropped: Tensor
+                       ) -> tuple[Tensor, Tensor]:
+        """``(x*, z*)`` of step 2 from the :meth:`_reference_predictions` and, for ``ft-vs-fe``, the online
+        prediction (the conditional one; ``fc-vs-xz``'s reference is the truth ``(x, z)``)."""
+        conditional, unconditional = references
+        data_c, noise_c = ((online.data.detach(), online.noise.detach()) if conditional is None
+                           else (conditional.data, conditional.noise))
+        data_u, noise_u = (data, noise) if unconditional is None else (unconditional.data, unconditional.noise)
+        return (self._enhance(data, data_c, data_u, in_range, dropped),
+                self._enhance(noise, noise_c, noise_u, in_range, dropped))
 
     def per_sample_loss(self, output: Tensor, target: Tensor) -> Tensor:
         """``sqrt(mean((F - T)^2) + c^2) - c`` (+ ``mean over positions of 1 - cos(F, T)`` over channels)."""
@@ -373,54 +384,86 @@ class UCGMObjective(Objective):
         same_dropout = functools.partial(shared_randomness, dropout_seed(generator), data.device)
         transport = self.transport
         x_t = transport.interpolate(data, noise, time)
+        enhanced, consistency = self.enhanced_ratio != 0.0, self.consistency_ratio != 0.0
+        if enhanced:
+            self._check_enhanced_inputs(labels, null_label, reference_model)
+            low, high = self.enhanced_range
+            in_range = (time > low) & (time < high)
+            dropped = labels == null_label
+        # The no-gradient passes that do not read the online prediction run before it (all of them unless the
+        # enhanced pair is ft-vs-fe's): their temporaries are freed before the online pass builds its graph, instead
+        # of raising the step's peak memory on top of it (docs/ucgm_fast_mode.md, "Parity-mode cost"). Every pass
+        # runs under the same seeded dropout RNG, so the order leaves every number unchanged.
+        pair, passes = (data, noise), None
+        with torch.no_grad():
+            if enhanced:
+                references = self._reference_predictions(reference_model, x_t, time, labels, null_label, in_range,
+                                                         dropped, same_dropout)
+                pair = None if self.enhanced_style == "ft-vs-fe" else self._enhanced_pair(
+                    references, None, data, noise, in_range, dropped)
+            if consistency and pair is not None:
+                passes = self._consistency_passes(model, time, labels, *pair, same_dropout)
         with same_dropout():
             online = transport.predict(model, x_t, time, labels)
-        target_data, target_noise = data, noise
-        target = transport.target(data, noise, time)
-
-        if self.enhanced_ratio != 0.0 or self.consistency_ratio != 0.0:
+        with torch.no_grad():
+            if pair is None:
+                pair = self._enhanced_pair(references, online, data, noise, in_range, dropped)
+                if consistency:
+                    passes = self._consistency_passes(model, time, labels, *pair, same_dropout)
+        target = transport.target(*pair, time)
+        if consistency:
             with torch.no_grad():
-                if self.enhanced_ratio != 0.0:
-                    if labels is None or null_label is None:
-                        raise ValueError("enhanced_ratio != 0 needs class labels and a null label (num_classes); "
-                                         "set enhanced_ratio=0 for unconditional data")
-                    if reference_model is None:
-                        raise ValueError(f"enhanced_style={self.enhanced_style!r} needs a reference_model "
-                                         f"({self.reference_mode} copy of the model)")
-                    low, high = self.enhanced_range
-                    in_range = (time > low) & (time < high)
-                    dropped = labels == null_label
-                    (data_c, noise_c), (data_u, noise_u) = self._enhanced_predictions(
-                        model, reference_model, x_t, time, labels, null_label, online, data, noise, in_range,
-                        dropped, same_dropout)
-                    target_data = self._enhance(data, data_c, data_u, in_range, dropped)
-                    target_noise = self._enhance(noise, noise_c, noise_u, in_range, dropped)
-                    target = transport.target(target_data, target_noise, time)
-                if self.consistency_ratio != 0.0:
-                    target = self._consistency_target(model, online.output, time, labels, target_data,
-                                                      target_noise, same_dropout)
+                target = self._consistency_target(online.output, time, *pair, passes)
 
         per_sample = self.per_sample_loss(online.output, target)
         if self.time_weighting == "cosine":
             per_sample = per_sample * torch.cos(time * self.half_pi)
         return ObjectiveOutput(per_sample.mean(), per_sample.detach(), {})
 
-    def _consistency_target(self, model, output, time, labels, data, noise, same_dropout) -> Tensor:
-        """``T = F.detach() - (alpha / D) (4 / sin(h t)) clamp(Delta, -1, 1)`` (step 3)."""
+    def _check_enhanced_inputs(self, labels: Optional[Tensor], null_label: Optional[int],
+                               reference_model: Optional[Callable]) -> None:
+        """The enhanced target needs class labels, a null label and a reference network."""
+        if labels is None or null_label is None:
+            raise ValueError("enhanced_ratio != 0 needs class labels and a null label (num_classes); "
+                             "set enhanced_ratio=0 for unconditional data")
+        if reference_model is None:
+            raise ValueError(f"enhanced_style={self.enhanced_style!r} needs a reference_model "
+                             f"({self.reference_mode} copy of the model)")
+
+    def _central_tangent(self) -> bool:
+        """Whether step 3 takes the two-sided tangent at lambda = 1 (always but in fast mode's finite difference)."""
+        return self.consistency_ratio == 1.0 and not (self.mode == "fast" and self.tangent == "finite_difference")
+
+    def _consistency_gap(self, time: Tensor) -> Tensor | float:
+        """The gap of the one-sided difference: ``(1 - lambda) t`` for lambda < 1, ``eps`` for fast lambda = 1."""
+        return self.finite_difference_step if self.consistency_ratio == 1.0 else time - self.consistency_ratio * time
+
+    def _consistency_passes(self, model, time, labels, data, noise, same_dropout) -> Tensor:
+        """The no-gradient passes of step 3 on the enhanced path ``x_r = alpha(r) z* + gamma(r) x*``: the tangent
+        ``Delta`` itself (lambda = 1, central difference or jvp), else ``X(t - gap)``, which
+        :meth:`_consistency_target` differences with the online prediction."""
         transport, online = self.transport, unwrap(model)
-        one_sided = self.mode == "fast" and self.tangent == "finite_difference"
-        if self.consistency_ratio == 1.0 and not one_sided:
-            delta = data_prediction_tangent(online, transport, data, noise, time, labels, self.tangent,
-                                            self.finite_difference_step, same_dropout)
+        if self._central_tangent():
+            return data_prediction_tangent(online, transport, data, noise, time, labels, self.tangent,
+                                           self.finite_difference_step, same_dropout)
+        return _data_prediction_at(online, transport, data, noise, time - self._consistency_gap(time), labels,
+                                   same_dropout)
+
+    def _consistency_target(self, output: Tensor, time: Tensor, data: Tensor, noise: Tensor, passes: Tensor
+                            ) -> Tensor:
+        """``T = F.detach() - (alpha / D) (4 / sin(h t)) clamp(Delta, -1, 1)`` (step 3), ``passes`` from
+        :meth:`_consistency_passes`."""
+        transport = self.transport
+        if self._central_tangent():
+            delta = passes
         else:
             # lambda < 1: the gap (1 - lambda) t; fast lambda = 1: the one-sided difference over eps, whose upper
             # point X(t) is the online pass (the enhanced path passes through x_t, see the class docstring).
-            gap = self.finite_difference_step if self.consistency_ratio == 1.0 else time - self.consistency_ratio * time
+            gap = self._consistency_gap(time)
             x_t = transport.interpolate(data, noise, time)
             current = transport.recover(output.detach(), x_t, time)[0]
-            earlier = _data_prediction_at(online, transport, data, noise, time - gap, labels, same_dropout)
             inv_gap = broadcast_time(1 / gap, output)
-            delta = current * inv_gap - earlier * inv_gap
+            delta = current * inv_gap - passes * inv_gap
         delta = torch.clamp(delta, -self.tangent_clip, self.tangent_clip)
         tb = broadcast_time(time, output)
         weight = tangent_weight(tb, self.half_pi)
