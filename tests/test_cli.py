@@ -158,7 +158,7 @@ def test_tune_from_a_checkpoint_end_to_end(trained_run, tmp_path):
     assert (objective["consistency_ratio"], objective["enhanced_style"], objective["reference"]) == \
         (1.0, "fc-vs-fe", "frozen")
     assert config["optimizer"]["name"] == "radam" and config["optimizer"]["grad_clip"] == 0.1
-    assert config["training"]["ema"]["decay"] == 0.99
+    assert (config["training"]["ema"]["decay"], config["training"]["batch_size"]) == (0.995, 1024)
     assert config["init"]["checkpoint"] == str(latest_checkpoint(trained_run).resolve())
     source_ema = read_weights(trained_run, "ema")
     reference = read_weights(tuned, "reference")
