@@ -4,7 +4,10 @@ import json
 
 import pytest
 
-from ucgm.cli.quickstart import RECIPES, Recipe, few_vs_multi, run_quickstart
+from ucgm.analysis.reports import draw_samples, run_ucgm_settings
+from ucgm.cli.quickstart import METRICS, RECIPES, Recipe, few_vs_multi, run_quickstart
+from ucgm.cli.sample import load_checkpoint_model
+from ucgm.sampling.registry import get_sampler
 
 TINY = {
     "gmm": Recipe(
@@ -43,6 +46,17 @@ def test_quickstart_writes_report_metrics_grids_and_plot(tmp_path):
     assert (tmp_path / "nfe_quality.png").stat().st_size > 1000
     assert (tmp_path / "gmm" / "samples" / "few-step_ucgm_nfe2.png").is_file()
     assert (tmp_path / "digits" / "samples" / "multi-step_euler_nfe1.png").is_file()
+    # the few-step model samples with its own run's (the tune recipe's) UCGM-S settings, not the sampler's defaults
+    few = load_checkpoint_model(tmp_path / "gmm" / "few-step")
+    settings = run_ucgm_settings(few.config)
+    assert settings["stochasticity"] == few.config["tune"]["sampling"]["stochasticity"] > 0
+    metric = METRICS["sliced_w2"](tmp_path / "gmm" / "multi-step", 200)
+    value = {name: metric(draw_samples(few.model, few.transport, get_sampler("ucgm", chosen), 2, (2,), 0, 200,
+                                       seed=0, batch_size=200).samples)
+             for name, chosen in (("run", settings), ("defaults", {}))}
+    recorded = [r["value"] for r in saved if (r["dataset"], r["model"], r["sampler"], r["nfe"]) ==
+                ("gmm", "few-step", "ucgm", 2)]
+    assert recorded == [pytest.approx(value["run"], rel=1e-6)] and value["run"] != value["defaults"]
     # re-running resumes the finished runs and reproduces the numbers
     assert run_quickstart(tmp_path, ["gmm"], nfes=(1, 2, 4), progress=False, recipes=TINY) == records[:12]
 
