@@ -17,8 +17,13 @@ from ucgm.methods.base import Batch, Networks
 from ucgm.methods.discrete.self_conditioning import SelfConditioned, SelfConditionedSampling
 from ucgm.metrics.discrete_suites import CategoricalSuite
 from ucgm.metrics.histograms import category_histogram, kl_divergence, total_variation
+from ucgm.analysis.reports import SamplerSpec, effective_settings, run_ucgm_settings
+from ucgm.cli.components import accepted_keys
+from ucgm.cli.config import resolve_config, resolve_run_config
 from ucgm.models import build_model
 from ucgm.sampling.registry import get_sampler
+from ucgm.sampling.seeded import generate_samples, initial_noise, resolve_sampler
+from ucgm.sampling.settings import SamplingConfig
 from ucgm.sampling.ucgm_sampler import ucgm_sample
 from ucgm.timegrids import asymmetric_targets, uniform_grid
 from ucgm.transports import make_transport
@@ -292,3 +297,29 @@ def test_ucgm_sample_with_td_steps_to_the_shifted_times():
     prediction = oracle.transport.predict(oracle, noise, grid[0].expand(3))
     expected = oracle.transport.gamma(targets[0]) * prediction.data + oracle.transport.alpha(targets[0]) * prediction.noise
     assert torch.allclose(state, expected)
+
+
+def test_the_sampling_sections_time_difference_reaches_the_sampler():
+    """``sampling.time_difference`` is not dropped on any path a run's config takes to UCGM-S: the typed section of
+    ``ucgm sample`` and training sample grids (:func:`resolve_sampler`, :func:`generate_samples`: the samples are
+    those of ``ucgm_sample(time_difference=td)`` on the same seeded noise, not the symmetric ones) and the plain
+    dict of ``ucgm evaluate``, ``ucgm search`` and the benches (:func:`run_ucgm_settings`)."""
+    mixture = GaussianMixture(torch.tensor([[1.0, -1.0], [-1.0, 0.5]]), 0.3)
+    oracle = OracleModel(mixture, make_transport("linear"))
+    common = dict(nfe=4, num=6, batch_size=6, extrapolation=0.0, time_warp=[1.0, 1.0, 1.0], gaps=[0.0, 0.0])
+    shifted, symmetric = SamplingConfig(time_difference=0.5, **common), SamplingConfig(**common)
+    assert resolve_sampler(shifted)[1]["time_difference"] == 0.5
+    drawn = generate_samples(oracle, oracle.transport, shifted, (2,), 0, torch.device("cpu")).samples
+    noise = initial_noise(0, range(6), (2,), torch.device("cpu"))
+    expected = ucgm_sample(oracle, oracle.transport, noise, steps=4, time_warp=(1.0, 1.0, 1.0), gaps=(0.0, 0.0),
+                           time_difference=0.5).sample
+    assert torch.allclose(drawn, expected.float())
+    plain = generate_samples(oracle, oracle.transport, symmetric, (2,), 0, torch.device("cpu")).samples
+    assert (plain - drawn).abs().max() > 1e-3
+    overrides = ["sampling.time_difference=0.5"]
+    assert resolve_run_config("categorical-bits", overrides, accepted_keys).sampling.time_difference == 0.5
+    run_settings = run_ucgm_settings(resolve_config("categorical-bits", overrides, accepted_keys))
+    assert run_settings["time_difference"] == 0.5
+    assert effective_settings(SamplerSpec("ucgm", "ucgm", {}), run_settings)["time_difference"] == 0.5
+    with pytest.raises(Exception, match="time_difference"):
+        resolve_run_config("categorical-bits", ["sampling.time_difference=-1"], accepted_keys)

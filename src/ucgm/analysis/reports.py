@@ -45,8 +45,9 @@ class SamplerSpec(NamedTuple):
 
 
 def run_ucgm_settings(config: dict) -> dict:
-    """A run's UCGM-S settings (its ``sampling`` section's stochasticity, extrapolation, time_warp and gaps; those
-    set to ``None`` keep the sampler's defaults and are left out)."""
+    """A run's UCGM-S settings (its ``sampling`` section's stochasticity, extrapolation, time_warp, gaps and
+    time_difference, :data:`~ucgm.sampling.seeded.UCGM_SAMPLING_SETTINGS`; those set to ``None`` keep the sampler's
+    defaults and are left out)."""
     sampling = config.get("sampling") or {}
     settings = {key: sampling[key] for key in UCGM_SAMPLING_SETTINGS if sampling.get(key) is not None}
     return {key: tuple(value) if isinstance(value, list) else value for key, value in settings.items()}

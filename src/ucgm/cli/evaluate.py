@@ -7,11 +7,11 @@ Writes ``DIR/metrics.json`` (a list of records ``{dataset, model, sampler, nfe, 
 Baseline records (``nfe = 0``) hold the reference values, e.g. the sample-noise floor of exact mixture samples.
 
 Samplers: ``--sampler NAME[:KEY=VALUE[:KEY=VALUE ...]],...`` (default: the run's own method sampler, e.g. ``cm-multistep`` for a consistency model), e.g.
-``--sampler ucgm,euler,heun,ucgm:extrapolation=0.3:time_warp=[1.2,1,1]``. The ``ucgm`` family starts from the
-run's own ``sampling`` settings (stochasticity, extrapolation, time_warp, gaps: a tuned few-step run samples as it
-was tuned to), which the spec's settings override; the records hold the effective settings. ``--schedule DIR``
-evaluates a schedule found by ``ucgm search`` (its sampler, times and skipped blocks) at its NFE, labelled
-``schedule:DIR``, next to the ``--sampler`` ones. ``--match-euler`` also writes ``DIR/nfe_match.json``: the
+``--sampler ucgm,euler,heun,ucgm:extrapolation=0.3:time_warp=[1.2,1,1]``. The ``ucgm`` family starts from the run's
+own ``sampling`` settings (stochasticity, extrapolation, time_warp, gaps, time_difference: a tuned few-step run
+samples as it was tuned to), which the spec's settings override; the records hold the effective settings.
+``--schedule DIR`` evaluates a schedule found by ``ucgm search`` (its sampler, times and skipped blocks) at its NFE,
+labelled ``schedule:DIR``, next to the ``--sampler`` ones. ``--match-euler`` also writes ``DIR/nfe_match.json``: the
 smallest NFE at which ``ucgm`` (the run's settings) is at least as good as Euler at 250 NFE on the suite's first
 metric (:func:`ucgm.analysis.nfe_match.match_reference`; keys ``smallest_nfe``, ``values``, ``reference_value``,
 ``metric``, ...), also stated in ``metrics.md``.

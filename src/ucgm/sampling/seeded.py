@@ -84,15 +84,15 @@ def sample_labels(num: int, num_classes: int, labels: Optional[Sequence[int]] = 
 
 
 #: The sampling-config settings each registered sampler takes (guidance is applied by wrapping the model).
-UCGM_SAMPLING_SETTINGS = ("stochasticity", "extrapolation", "time_warp", "gaps")
+UCGM_SAMPLING_SETTINGS = ("stochasticity", "extrapolation", "time_warp", "gaps", "time_difference")
 UCGM_FAMILY = ("ucgm", "ucgm-o2", "ucgm-official", "ucgm-o2-official")
 
 
 def resolve_sampler(settings: SamplingConfig, method_sampler: tuple[str, dict] = ("ucgm", {})) -> tuple[str, dict]:
     """The registry sampler and its settings: ``settings.sampler``, or the method's own (``method_sampler``,
     from :meth:`ucgm.methods.base.Method.sampler`) when it is ``None``; the method's settings apply whenever its
-    sampler is chosen, and UCGM-S also takes the section's stochasticity, extrapolation, warp and gaps (those left
-    ``None`` keep the sampler's own defaults). A
+    sampler is chosen, and UCGM-S also takes the section's stochasticity, extrapolation, warp, gaps and
+    time_difference (those left ``None`` keep the sampler's own defaults). A
     ``settings.schedule`` file (:mod:`ucgm.sampling.schedules`) names the sampler and all its settings instead."""
     if settings.schedule is not None:
         schedule = read_schedule(settings.schedule)

@@ -22,6 +22,7 @@ class SamplingConfig:
     extrapolation: Optional[float] = None
     time_warp: Optional[list] = None
     gaps: Optional[list] = None
+    time_difference: Optional[float] = None
     cfg_scale: Optional[float] = None
     cfg_interval: Optional[list] = None
     num: int = 64
@@ -43,6 +44,9 @@ class SamplingConfig:
             require_numbers(f"{prefix}.time_warp", self.time_warp, 3)
         if self.gaps is not None:
             require_numbers(f"{prefix}.gaps", self.gaps, 2)
+        require(self.time_difference is None or (is_number(self.time_difference) and self.time_difference >= 0),
+                f"{prefix}.time_difference", self.time_difference,
+                "must be null (the sampler's default, 0) or a number >= 0 (Analog Bits' td)")
         require(self.cfg_scale is None or is_number(self.cfg_scale), f"{prefix}.cfg_scale", self.cfg_scale,
                  "must be null (no guidance) or a number")
         if self.cfg_interval is not None:
