@@ -544,3 +544,29 @@ def test_bad_call_inputs_raise():
         scm_sample(model, TRIGFLOW, noise, steps=2, intermediate_angles=[1.0, 0.5])
     with pytest.raises(ValueError, match="decrease strictly"):
         scm_sample(model, TRIGFLOW, noise, steps=3, intermediate_angles=[0.5, 1.0])
+
+
+def test_jvp_tangents_work_through_attention_models():
+    """Fused CPU attention has no forward derivative; both JVP tangents (sCM's dF/ds, UCGM-T's dX/dt) run math
+    attention and agree with their central differences on a tiny DiT."""
+    from ucgm.models.dit import DiT
+
+    torch.manual_seed(0)
+    model = DiT(input_size=4, patch_size=2, in_channels=1, num_classes=None, depth=1, hidden_size=16,
+                num_heads=2, time_scale=1.0).double().eval()  # its time embedding is float32: slow frequencies
+    for parameter in model.parameters():  # the DiT zero-initialises its modulation and output layers
+        parameter.data.normal_(0, 0.1)
+    data, noise = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    time = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    x_t = TRIGFLOW.interpolate(data, noise, time)
+    velocity = TRIGFLOW.target(data, noise, time)
+    with torch.no_grad():
+        output_rate = output_derivative_jvp(model, TRIGFLOW, x_t, time, velocity, None, same_dropout())
+        step = 1e-3
+        central = (TRIGFLOW.network_output(model, x_t + step * velocity, time + step / HALF_PI, None)
+                   - TRIGFLOW.network_output(model, x_t - step * velocity, time - step / HALF_PI, None)) / (2 * step)
+        data_rate = data_prediction_tangent(model, TRIGFLOW, data, noise, time, None, method="jvp")
+        data_difference = data_prediction_tangent(model, TRIGFLOW, data, noise, time, None, step=1e-3)
+    assert float(output_rate.abs().max()) > 1e-2 and float(data_rate.abs().max()) > 1e-2
+    torch.testing.assert_close(output_rate, central, rtol=1e-3, atol=1e-4 * float(central.abs().max()))
+    torch.testing.assert_close(data_rate, data_difference, rtol=1e-3, atol=1e-4 * float(data_rate.abs().max()))

@@ -13,6 +13,7 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...transports import Transport, broadcast_time
 from ...validation import check_choice
@@ -37,13 +38,14 @@ def output_derivative_jvp(
     same_dropout: SameDropout,
 ) -> Tensor:
     """Exact ``dF/ds = (dF/dx_t) v + dF/ds|_x`` by forward-mode AD: ``torch.func.jvp`` of ``(x_t, t) -> F`` along
-    the tangent ``(v, 1 / h)`` (``t = s / h``)."""
+    the tangent ``(v, 1 / h)`` (``t = s / h``), with math attention (fused CPU / GPU attention kernels have no
+    forward derivative)."""
 
     def network_output(x: Tensor, time: Tensor) -> Tensor:
         return transport.network_output(model, x, time, labels)
 
     time_tangent = torch.full_like(t, 1 / transport.path.half_pi)
-    with same_dropout():
+    with same_dropout(), sdpa_kernel([SDPBackend.MATH]):
         return torch.func.jvp(network_output, (x_t, t), (velocity, time_tangent))[1]
 
 

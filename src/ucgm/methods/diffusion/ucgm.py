@@ -64,6 +64,7 @@ from typing import Callable, ContextManager, Optional, Sequence
 import torch
 import torch.nn.functional as functional
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...transports import Prediction, Transport, broadcast_time, make_transport
 from ...validation import check_batch, check_choice, check_finite, check_range
@@ -136,7 +137,7 @@ def data_prediction_tangent(
             x_t = transport.interpolate(data, noise, time)
             return transport.predict(model, x_t, time, labels).data
 
-        with same_dropout():
+        with same_dropout(), sdpa_kernel([SDPBackend.MATH]):  # fused attention has no forward derivative
             return torch.func.jvp(data_prediction, (t,), (torch.ones_like(t),))[1]
     inv_width = 1 / (2 * step)
     upper, lower = (_data_prediction_at(model, transport, data, noise, time, labels, same_dropout)
