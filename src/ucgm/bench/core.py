@@ -4,7 +4,9 @@
 flow-matching step, same model, batch and optimizer, measured interleaved. The bound a setting may cost is
 ``1 + (extra no-grad forward passes, in batch units) * t_forward / t_fm_step``.
 ``ucgm_t_vs_fm["lambda=1+enhanced fast"]`` = median step time of the same setting in UCGM-T's fast mode
-(``mode="fast"``) / that of its parity-mode step, measured interleaved with the others.
+(``mode="fast"``) / that of its parity-mode step, measured interleaved with the others; its reference passes run in
+``fast_mode_reference_precision`` (``reference_precision: auto`` resolved on this device: bfloat16 where native,
+float32 elsewhere), which decides the ratio (docs/ucgm_fast_mode.md, "Fast-mode cost by host").
 ``sampler_overhead[order]`` = UCGM-S wall time / (its NFE * one bare forward of the same batch).
 """
 
@@ -17,6 +19,7 @@ import torch
 
 from ..models import build_model
 from ..methods import FlowMatchingObjective, UCGMObjective
+from ..methods.diffusion.ucgm import reference_autocast_dtype
 from ..sampling.ucgm_sampler import ucgm_sample
 from ..transports import make_transport
 from .timing import interleaved_medians
@@ -53,6 +56,12 @@ def _training_step(model: torch.nn.Module, objective: Callable, data: torch.Tens
     return step
 
 
+def reference_pass_precision(objective: UCGMObjective, device: torch.device) -> str:
+    """The precision ``objective``'s fast-mode reference passes run in on ``device`` (``float32``: no autocast)."""
+    dtype = reference_autocast_dtype(objective.reference_precision, device)
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def objective_cost(quick: bool) -> tuple[dict, dict]:
     """Ratios of UCGM-T step time to a flow-matching step, and the bounds implied by extra forward passes."""
     torch.manual_seed(0)
@@ -69,6 +78,8 @@ def objective_cost(quick: bool) -> tuple[dict, dict]:
         reference = copy.deepcopy(base).requires_grad_(False) if "enhanced_ratio" in kwargs else None
         objective = UCGMObjective(transport, label_dropout=0.1, mode=mode, **kwargs)
         variants[name] = _training_step(model, objective, data, labels, reference)
+        if mode == "fast":
+            fast_precision = reference_pass_precision(objective, data.device)
     forward_model = copy.deepcopy(base)
     times = torch.rand(batch)
 
@@ -84,6 +95,7 @@ def objective_cost(quick: bool) -> tuple[dict, dict]:
     details = {"fm_step_seconds": medians["fm"], "forward_seconds": medians["forward"], "bounds": bounds,
                "extra_forward_passes": {name: extra for name, (_, extra) in OBJECTIVE_SETTINGS.items()},
                "fast_mode_vs_fm": medians[FAST_MODE_KEY] / medians["fm"],
+               "fast_mode_reference_precision": fast_precision,
                "model": _dit_config(quick), "batch_size": batch}
     return ratios, details
 

@@ -55,10 +55,12 @@ def _fast_mode_lines(report: dict) -> list[str]:
     fast = report["ucgm_t_vs_fm"].get(FAST_MODE_KEY)
     if fast is None:
         return []
-    vs_fm = report["ucgm_t_vs_fm_details"]["fast_mode_vs_fm"]
-    lines = ["", f"Fast mode ({FAST_MODE_SETTING}, `objective.mode=fast`): step time / parity-mode step time "
-             f"**{fast:.3f}** (flow-matching step x {vs_fm:.3f}); target <= {FAST_MODE_TARGET}: "
-             f"{_verdict(fast <= FAST_MODE_TARGET)}."]
+    details = report["ucgm_t_vs_fm_details"]
+    precision = details.get("fast_mode_reference_precision")
+    references = f", {precision} reference passes" if precision else ""
+    lines = ["", f"Fast mode ({FAST_MODE_SETTING}, `objective.mode=fast`{references}): step time / parity-mode step "
+             f"time **{fast:.3f}** (flow-matching step x {details['fast_mode_vs_fm']:.3f}); target <= "
+             f"{FAST_MODE_TARGET}: {_verdict(fast <= FAST_MODE_TARGET)}."]
     quality = report.get("fast_mode_quality")
     if quality:
         details = report["fast_mode_quality_details"]
