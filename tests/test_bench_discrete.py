@@ -8,7 +8,10 @@ import math
 from ucgm.bench import main as bench_main
 from ucgm.bench import report_cascade, report_discrete, report_search
 from ucgm.bench.cascade import CascadeSizes, equal_compute_steps
-from ucgm.bench.discrete import DiscreteSizes
+from ucgm.bench.discrete import DIGITS_SAMPLING, SAMPLING, DiscreteSizes, sampler_settings
+from ucgm.cli.components import accepted_keys
+from ucgm.cli.config import resolve_config, resolve_run_config
+from ucgm.cli.tune import tune_recipe
 from ucgm.bench.search import SearchSizes
 
 
@@ -33,6 +36,23 @@ def test_discrete_section(tmp_path, monkeypatch):
     assert set(report["discrete_details"]["verdicts"]) == {"categorical lambda=0", "categorical lambda=1",
                                                            "quantised_digits lambda=0"}
     assert "Analog Bits" in table
+
+
+def test_discrete_rows_sample_with_their_measured_settings():
+    """Each row's UCGM-S settings as the sampler gets them (the row's over the run's sampling section): lambda = 0
+    without end gaps and with td 0.25, which is also the categorical-bits preset's own sampling (what ``ucgm
+    sample`` / ``evaluate`` use on a user's run); lambda = 1 and the digits keep the official gaps and td 0, so the
+    preset's sampling does not leak into them; the preset's few-step tune keeps td 0."""
+    categorical = resolve_config("categorical-bits", ["objective.consistency_ratio=1.0"], accepted_keys)
+    lambda0 = sampler_settings(resolve_config("categorical-bits", [], accepted_keys), SAMPLING[0.0][1])
+    assert lambda0["gaps"] == (0.0, 0.0) and lambda0["time_difference"] == 0.25 and lambda0["stochasticity"] == 0
+    preset = resolve_run_config("categorical-bits", [], accepted_keys).sampling
+    assert (list(preset.gaps), preset.time_difference) == ([0.0, 0.0], 0.25)
+    lambda1 = sampler_settings(categorical, SAMPLING[1.0][1])
+    assert (lambda1["gaps"], lambda1["time_difference"], lambda1["stochasticity"]) == ((0.001, 0.001), 0.0, 1.0)
+    digits = sampler_settings(resolve_config("digits-bits", [], accepted_keys), DIGITS_SAMPLING[1])
+    assert (digits["gaps"], digits["time_difference"]) == ((0.001, 0.001), 0.0)
+    assert tune_recipe(categorical)["sampling"]["time_difference"] == 0.0
 
 
 def test_cascade_section(tmp_path, monkeypatch):
