@@ -171,6 +171,30 @@ def test_karras_points_put_the_jumps_on_the_training_grid():
     torch.testing.assert_close(sampler(model, model.transport, noise, None, 4, None).sample, on_grid.sample)
 
 
+@pytest.mark.parametrize("name", ["linear", "trigflow", "vp"])
+def test_the_log_snr_grid_is_even_in_log_sigma_with_exact_ends(name):
+    """``log_snr``: ``steps + 1`` strictly decreasing times with the exact ends whose ``log sigma`` steps are equal
+    (on the linear path ``logit t``); the registry's ``flow-map`` spends one NFE per jump on it."""
+    path = make_transport(name).path
+    for steps in (1, 2, 4, 16):
+        grid = flow_map_grid(path, steps, "log_snr", t_max=0.994, t_min=0.006)
+        assert grid.dtype == torch.float64 and grid.numel() == steps + 1
+        assert grid[0] == 0.994 and grid[-1] == 0.006 and bool((grid[1:] < grid[:-1]).all())
+        gaps = torch.diff(path.sigma(grid).log())
+        torch.testing.assert_close(gaps, gaps[:1].expand_as(gaps), rtol=1e-9, atol=1e-9)
+    linear = flow_map_grid(make_transport("linear").path, 4, "log_snr", t_max=0.9, t_min=0.1)
+    torch.testing.assert_close(linear, torch.sigmoid(torch.linspace(math.log(9), -math.log(9), 5, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="0 < t_min < t_max < 1"):
+        flow_map_grid(path, 2, "log_snr", t_max=1.0, t_min=0.0)
+    flow_map = FlowMapParameterisation(make_transport("linear"), "s")
+    model = FlowMapModel(_network(flow_map).double(), flow_map)
+    noise = torch.randn(3, 2, dtype=torch.float64)
+    result = get_sampler("flow-map", {"grid": "log_snr", "t_max": 0.9, "t_min": 0.1})(model, model.transport, noise,
+                                                                                      None, 4, None)
+    assert result.nfe == 4
+    torch.testing.assert_close(result.sample, flow_map_sample(model, model.transport, noise, times=linear).sample)
+
+
 def test_gamma_sampling_renoises_to_the_next_level_and_gamma_one_is_cm_multistep():
     """With gamma = 1 every jump lands on the grid's end sigma_N, then ``x_sigma + sqrt(sigma_{i+1}^2 - sigma_N^2)
     eps`` (CM's multistep sampler); gamma = 0 adds no noise."""

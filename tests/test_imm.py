@@ -155,7 +155,11 @@ def test_the_weighting_is_the_official_formula():
 
 
 def test_the_sampler_is_the_flow_map_chain_from_t_max_to_t_min_or_restart():
-    assert InductiveMomentMatching().sampler() == ("flow-map", {"t_max": 0.994, "t_min": 0.006, "gamma": 0.0})
+    assert InductiveMomentMatching().sampler() == ("flow-map", {"grid": "uniform", "t_max": 0.994, "t_min": 0.006,
+                                                                "gamma": 0.0})
+    assert InductiveMomentMatching(sampler_grid="log_snr").sampler()[1]["grid"] == "log_snr"
+    with pytest.raises(ValueError, match="sampler_grid"):
+        InductiveMomentMatching(sampler_grid="karras")
     assert InductiveMomentMatching(restart=True, t_min=0.0).sampler()[1]["gamma"] == 1.0
     assert InductiveMomentMatching(sampler_gamma=0.5).sampler()[1]["gamma"] == 0.5
     with pytest.raises(ValueError, match="restart=True is sampler_gamma=1"):

@@ -33,7 +33,7 @@ from ..validation import check_batch, check_finite, check_positive_int, check_ra
 from .noise import NoiseSource, normal_noise
 from .result import SampleResult
 
-FLOW_MAP_GRIDS = ("uniform", "karras")
+FLOW_MAP_GRIDS = ("uniform", "karras", "log_snr")
 
 
 def dyadic_grid(steps: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -59,15 +59,31 @@ def training_grid_indices(steps: int, points: int) -> Tensor:
     return torch.floor(ramp + 0.5).long()
 
 
+def log_snr_grid(path, steps: int, t_max: float, t_min: float) -> Tensor:
+    """``steps + 1`` float64 times from ``t_max`` to ``t_min`` evenly spaced in ``log sigma(t)`` (``sigma = alpha /
+    gamma``): ``t_i = sigma^-1(exp(log sigma(t_max) + i / steps (log sigma(t_min) - log sigma(t_max))))`` (on the
+    linear path ``log sigma = logit t``), the ends exact."""
+    check_positive_int("steps", steps)
+    if not 0.0 < t_min < t_max < 1.0:
+        raise ValueError(f"the log_snr grid needs 0 < t_min < t_max < 1 (finite log-SNR at both ends); got "
+                         f"t_max={t_max}, t_min={t_min}")
+    ends = path.sigma(torch.tensor([t_max, t_min], dtype=torch.float64)).log()
+    values = path.time_for_sigma(torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64).exp())
+    values[0], values[-1] = t_max, t_min
+    return values
+
+
 def flow_map_grid(path, steps: int, grid: str = "uniform", t_max: float = 1.0, t_min: float = 0.0,
                   sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                   times: Optional[Sequence[float]] = None, karras_points: Optional[int] = None) -> Tensor:
     """The float64 grid of ``steps`` jumps: explicit ``times`` (``steps + 1`` decreasing times in [0, 1]), the
-    uniform grid from ``t_max`` to ``t_min``, or the Karras grid of ``steps + 1`` noise levels from ``sigma_max``
-    to ``sigma_min`` mapped to ucgm time on ``path`` (CTM's sampler). With ``karras_points = P`` the Karras times
-    are ``steps + 1`` points of the ``P``-point Karras grid a model was trained on (:func:`training_grid_indices`;
-    the official CTM / CM samplers' ``ts`` indices); budgets above ``P - 1`` jumps, which no sub-grid holds, use
-    the Karras grid of ``steps + 1`` points."""
+    uniform grid from ``t_max`` to ``t_min``, the ``log_snr`` grid from ``t_max`` to ``t_min`` (``steps + 1``
+    noise-to-signal ratios ``sigma = alpha / gamma`` evenly spaced in ``log sigma``, i.e. in log-SNR ``lambda = -2
+    log sigma``, mapped to ucgm time on ``path``; needs ``0 < t_min``, ``t_max < 1``), or the Karras grid of
+    ``steps + 1`` noise levels from ``sigma_max`` to ``sigma_min`` mapped to ucgm time on ``path`` (CTM's sampler).
+    With ``karras_points = P`` the Karras times are ``steps + 1`` points of the ``P``-point Karras grid a model was
+    trained on (:func:`training_grid_indices`; the official CTM / CM samplers' ``ts`` indices); budgets above
+    ``P - 1`` jumps, which no sub-grid holds, use the Karras grid of ``steps + 1`` points."""
     check_positive_int("steps", steps)
     if karras_points is not None and grid != "karras":
         raise ValueError(f"karras_points={karras_points} needs grid='karras' (got grid={grid!r})")
@@ -77,6 +93,8 @@ def flow_map_grid(path, steps: int, grid: str = "uniform", t_max: float = 1.0, t
             raise ValueError(f"times has {values.numel()} entries; {steps} jumps need {steps + 1}")
     elif grid == "uniform":
         values = uniform_grid(steps, t_max=t_max, t_min=t_min)
+    elif grid == "log_snr":
+        values = log_snr_grid(path, steps, t_max, t_min)
     elif grid == "karras" and karras_points is not None and steps <= karras_points - 1:
         indices = training_grid_indices(steps, karras_points)
         values = path.time_for_sigma(karras_sigmas(karras_points, sigma_min, sigma_max, rho))[indices]

@@ -29,8 +29,10 @@ kernel ``k(a, b) = exp(-w max(||a - b||, eps_k) / D)``, ``w = 1 / |c_out(s, t)|`
 Groups never cross processes: the per-process batch must be a multiple of ``M``.
 
 **Sampler**: the core's ``flow-map`` sampler on the uniform grid from ``T`` to ``eps`` (pushforward,
-``x <- f(x, t_i, t_{i+1})``); ``restart=True``: jump to ``eps`` and re-noise to ``t_{i+1}`` with fresh noise
-(the official ``restart_generator_fn``; the core's ``gamma = 1``). ``sampler_gamma`` between the two: CTM's
+``x <- f(x, t_i, t_{i+1})``) or, ``sampler_grid=log_snr``, on times evenly spaced in ``log eta(t)`` (log-SNR; the
+official sampler gives its CIFAR 2-step midpoint in ``eta``, its ImageNet grids uniform in ``t``); ``restart=True``:
+jump to ``eps`` and re-noise to ``t_{i+1}`` with fresh noise (the official ``restart_generator_fn``; the core's
+``gamma = 1``). ``sampler_gamma`` between the two: CTM's
 gamma-sampling (jump to ``sigma' = sqrt(1 - gamma^2) (sigma_{i+1} - sigma_N) + sigma_N``, re-noise to
 ``sigma_{i+1}``; not in the IMM paper, measured in ``docs/flow_maps.md``).
 
@@ -44,7 +46,8 @@ and times ``1000 t``, ``1000 s``.
 run's model and transport give them (no ``c_in``, no 1000 scale unless ``model.time_scale`` says so). (4) The
 sampler starts at ``alpha(T) z`` (the official sampler at ``sigma_d z``); restart re-noises in the core's
 noise-level form (identical to the official one at ``eps = 0``). (5) Classifier-free guidance is not mixed into
-the map at sampling. (6) ``sampler_gamma`` strictly between 0 and 1 is an addition (the gmm preset's 0.5).
+the map at sampling. (6) ``sampler_gamma`` strictly between 0 and 1 and the ``log_snr`` grid are additions (the gmm
+preset's gamma 0.5).
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ from .core import FlowMapModel, FlowMapParameterisation, jump_coefficients
 #: IMM's f-types and the ucgm parameterisation of the run's path each one is.
 IMM_F_TYPES = {"euler_fm": "velocity", "identity": "data", "simple_edm": "edm"}
 IMM_SECOND_TIMES = ("s", "gap")
+#: The time grids of IMM's sampler (:func:`~ucgm.sampling.flow_map_sampler.flow_map_grid`).
+IMM_SAMPLER_GRIDS = ("uniform", "log_snr")
 
 
 def imm_transport(transport: Transport, f_type: str) -> Transport:
@@ -114,8 +119,9 @@ class InductiveMomentMatching(Method):
     """IMM (see the module docstring). ``group_size`` = M; ``t_max`` / ``t_min`` = T / eps;
     ``decrement_exponent`` = k; ``weighting_bias`` / ``weighting_power`` = b / a (``weighting=False``: weight 1);
     ``kernel_epsilon`` the distance floor; ``kernel_scale`` multiplies ``w`` (official 1); ``restart`` selects the
-    restart sampler (``sampler_gamma`` the gamma-sampler between pushforward and restart); ``label_dropout`` drops labels
-    to the null label."""
+    restart sampler (``sampler_gamma`` the gamma-sampler between pushforward and restart); ``sampler_grid`` its times
+    (``uniform`` in ``t``, official; ``log_snr``: even in ``log eta``); ``label_dropout`` drops labels to the null
+    label."""
 
     family = "flow_maps"
     default_sampler = "flow-map"
@@ -136,6 +142,7 @@ class InductiveMomentMatching(Method):
         kernel_scale: float = 1.0,
         restart: bool = False,
         sampler_gamma: float = 0.0,
+        sampler_grid: str = "uniform",
         label_dropout: float = 0.0,
         null_label: Optional[int] = None,
     ):
@@ -153,6 +160,7 @@ class InductiveMomentMatching(Method):
         check_range("sampler_gamma", sampler_gamma, 0.0, 1.0)
         if restart and sampler_gamma not in (0.0, 1.0):
             raise ValueError(f"restart=True is sampler_gamma=1; got sampler_gamma={sampler_gamma}: set one of them")
+        check_choice("sampler_grid", sampler_grid, IMM_SAMPLER_GRIDS)
         check_range("label_dropout", label_dropout, 0.0, 1.0)
         self.f_type = f_type
         self.transport = imm_transport(transport, f_type)
@@ -163,6 +171,7 @@ class InductiveMomentMatching(Method):
             float(weighting_power)
         self.kernel_epsilon, self.kernel_scale = float(kernel_epsilon), float(kernel_scale)
         self.sampler_gamma = 1.0 if restart else float(sampler_gamma)
+        self.sampler_grid = sampler_grid
         self.label_dropout, self.null_label = float(label_dropout), null_label
 
     def networks(self) -> dict[str, NetworkSpec]:
@@ -222,8 +231,10 @@ class InductiveMomentMatching(Method):
 
     # --------------------------------------------------------------------------------------- sampling
     def sampler(self) -> tuple[str, dict]:
-        """The core's flow-map chain from ``T`` to ``eps`` with CTM's ``gamma`` (``restart``: ``gamma = 1``)."""
-        return "flow-map", {"t_max": self.t_max, "t_min": self.t_min, "gamma": self.sampler_gamma}
+        """The core's flow-map chain from ``T`` to ``eps`` on ``sampler_grid`` with CTM's ``gamma`` (``restart``:
+        ``gamma = 1``)."""
+        return "flow-map", {"grid": self.sampler_grid, "t_max": self.t_max, "t_min": self.t_min,
+                            "gamma": self.sampler_gamma}
 
     def sampling_model(self, modules: Mapping[str, nn.Module]) -> tuple[Callable, Transport]:
         model = FlowMapModel(modules["model"], self.flow_map)
