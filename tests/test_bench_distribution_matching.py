@@ -45,3 +45,21 @@ def test_distribution_matching_section_at_toy_size(tmp_path, monkeypatch):
     targets = report["distribution_matching_details"]["targets"]
     assert set(targets) == {"dmd2_vs_flow_matching", "two_time_scale", "students"}
     assert "Distribution matching" in out.with_suffix(".md").read_text()
+
+
+def test_dmd2_runs_start_from_the_flow_matching_run(tmp_path, monkeypatch):
+    calls = {}
+
+    def fake_train(preset, overrides, steps, run_dir):
+        calls[run_dir.name] = overrides
+        return run_dir
+
+    monkeypatch.setattr(distribution_matching, "train", fake_train)
+    run_dirs = distribution_matching.train_runs(distribution_matching.GMM_RUNS, ("data.conditional=false",),
+                                                TINY_SIZES, tmp_path)
+    flow_matching = run_dirs["flow_matching"]
+    for label, run_dir in run_dirs.items():
+        overrides = calls[run_dir.name]
+        initialised = f"init.checkpoint={flow_matching}" in overrides and "init.weights=ema" in overrides
+        assert initialised == label.startswith("dmd2"), (label, overrides)
+    assert not any(value.startswith("init.") for value in calls[flow_matching.name])

@@ -6,7 +6,8 @@ presets' per-objective defaults (``ucgm train gmm objective=NAME``), seed 0:
 
 * ``gmm`` — 8 Gaussians, **unconditional** (``data.conditional=false``: mode collapse is possible, unlike with one
   class per mode), the exact mixture oracle as the teacher: ``dmd``, ``dmd2``, ``sim``, ``cosim`` and the
-  two-time-scale check ``dmd2 (update_ratio=1)``; the reference ``flow_matching`` (Euler, NFE 64).
+  two-time-scale check ``dmd2 (update_ratio=1)``; the reference ``flow_matching`` (Euler, NFE 64), trained first:
+  both dmd2 runs start their generator from its EMA weights (``Run.init_from``).
 * ``gmm-conditional`` — the same mixture with its class labels (MSD partitions the classes): ``msd`` (4 students of
   the preset's student size) and ``msd (1 student)`` (one student of about the same total parameter count,
   ``model.hidden`` :data:`ONE_STUDENT_HIDDEN`), and the conditional flow-matching reference.
@@ -92,19 +93,24 @@ FULL = DistributionMatchingSizes(gmm_steps=2000, flow_matching_steps=3000, digit
 
 
 class Run(NamedTuple):
-    """One trained model: its table label, dataset, ``objective=NAME`` and further overrides."""
+    """One trained model: its table label, dataset, ``objective=NAME``, further overrides, and the label of an
+    earlier run of the same group whose EMA weights start the generator (``init.checkpoint=RUN init.weights=ema``;
+    ``None``: from scratch)."""
 
     label: str
     dataset: str
     objective: str
     overrides: tuple[str, ...] = ()
+    init_from: Optional[str] = None
 
 
+#: dmd2 starts its generator from the section's flow-matching run (DMD2 starts it from the teacher; the oracle
+#: has no weights, so the flow-matching reference stands in), both update ratios alike.
 GMM_RUNS = (
     Run(FLOW_MATCHING, "gmm", "flow_matching"),
     Run("dmd", "gmm", "dmd"),
-    Run("dmd2", "gmm", "dmd2"),
-    Run("dmd2 (update_ratio=1)", "gmm", "dmd2", ("objective.update_ratio=1",)),
+    Run("dmd2", "gmm", "dmd2", init_from=FLOW_MATCHING),
+    Run("dmd2 (update_ratio=1)", "gmm", "dmd2", ("objective.update_ratio=1",), init_from=FLOW_MATCHING),
     Run("sim", "gmm", "sim"),
     Run("cosim", "gmm", "cosim"),
 )
@@ -153,11 +159,13 @@ def train(preset: str, overrides: tuple[str, ...], steps: int, run_dir: Path) ->
 
 def train_runs(runs: tuple[Run, ...], base: tuple[str, ...], sizes: DistributionMatchingSizes, workdir: Path
                ) -> dict[str, Path]:
-    """Train ``runs`` on the gmm preset with the ``base`` overrides; run directories by label."""
+    """Train ``runs`` in order on the gmm preset with the ``base`` overrides (a run's ``init_from`` names an earlier
+    one); run directories by label."""
     run_dirs = {}
     for index, run in enumerate(runs):
         steps = sizes.flow_matching_steps if run.objective == FLOW_MATCHING else sizes.gmm_steps
-        overrides = base + (f"objective={run.objective}",) + run.overrides
+        init = () if run.init_from is None else (f"init.checkpoint={run_dirs[run.init_from]}", "init.weights=ema")
+        overrides = base + (f"objective={run.objective}",) + run.overrides + init
         run_dirs[run.label] = train("gmm", overrides, steps, workdir / f"{run.dataset}-{index}")
     return run_dirs
 
