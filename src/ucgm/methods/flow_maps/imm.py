@@ -47,7 +47,7 @@ run's model and transport give them (no ``c_in``, no 1000 scale unless ``model.t
 sampler starts at ``alpha(T) z`` (the official sampler at ``sigma_d z``); restart re-noises in the core's
 noise-level form (identical to the official one at ``eps = 0``). (5) Classifier-free guidance is not mixed into
 the map at sampling. (6) ``sampler_gamma`` strictly between 0 and 1 and the ``log_snr`` grid are additions (the gmm
-preset's gamma 0.5).
+preset: gamma 0.7 on ``log_snr``).
 """
 
 from __future__ import annotations
