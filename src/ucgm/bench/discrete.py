@@ -55,7 +55,8 @@ FULL = DiscreteSizes(categorical_steps=8000, digits_steps=2000, hidden=128, num_
 SAMPLING = {0.0: ("ucgm", {"gaps": (0.0, 0.0), "time_difference": 0.25}, "UCGM-S, td = 0.25", (4, 8, 16)),
             1.0: ("ucgm", {"stochasticity": 1.0, "gaps": (0.001, 0.001), "time_difference": 0.0}, "UCGM-S, rho = 1",
                   (1, 2, 4))}
-#: The quantised digits' sampler: the digits-bits preset's settings (official gaps, symmetric time), as measured.
+#: The quantised digits' sampler: the digits-bits preset's settings (official gaps, symmetric time); td 0.25 and no end
+#: gaps were not better there (training seeds 0 / 1, docs/discrete_cascade_search.md).
 DIGITS_SAMPLING = ("ucgm", {"gaps": (0.001, 0.001), "time_difference": 0.0}, "UCGM-S")
 #: Objective overrides per consistency ratio: lambda = 1 trains with the few-step recipe's huber_constant 1 (the
 #: presets' `tune` value; measured better than the presets' MSE-like 10 for both rows, docs/discrete_cascade_search.md).
