@@ -18,6 +18,7 @@ TINY = {
         num_samples=200,
         metric_name="sliced_w2",
         samplers=RECIPES["gmm"].samplers,
+        tune_recipe=RECIPES["gmm"].tune_recipe,
     ),
     "digits": Recipe(
         preset="digits",
@@ -46,10 +47,13 @@ def test_quickstart_writes_report_metrics_grids_and_plot(tmp_path):
     assert (tmp_path / "nfe_quality.png").stat().st_size > 1000
     assert (tmp_path / "gmm" / "samples" / "few-step_ucgm_nfe2.png").is_file()
     assert (tmp_path / "digits" / "samples" / "multi-step_euler_nfe1.png").is_file()
-    # the few-step model samples with its own run's (the tune recipe's) UCGM-S settings, not the sampler's defaults
+    # the few-step model is tuned with the named recipe and samples with its run's UCGM-S settings (the recipe's),
+    # not the sampler's defaults
     few = load_checkpoint_model(tmp_path / "gmm" / "few-step")
     settings = run_ucgm_settings(few.config)
-    assert settings["stochasticity"] == few.config["tune"]["sampling"]["stochasticity"] > 0
+    recipe = few.config["tune_recipes"]["long"]
+    assert few.config["optimizer"]["lr"] == recipe["optimizer"]["lr"] and few.config["training"]["steps"] == 10
+    assert settings["stochasticity"] == recipe["sampling"]["stochasticity"] > 0
     metric = METRICS["sliced_w2"](tmp_path / "gmm" / "multi-step", 200)
     value = {name: metric(draw_samples(few.model, few.transport, get_sampler("ucgm", chosen), 2, (2,), 0, 200,
                                        seed=0, batch_size=200).samples)
