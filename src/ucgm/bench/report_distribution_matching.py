@@ -60,7 +60,8 @@ def markdown(report: dict) -> str:
              f"Produced by `{report['meta']['command']}` ({'quick' if report['meta']['quick'] else 'full'} size, "
              f"{details['seconds']:.0f} s, one thread). Trained by ucgm's trainer from the presets' `objectives:` "
              f"defaults, {sizes['gmm_steps']} steps per distribution-matching run on the GMM (exact oracle "
-             f"teacher; flow matching {sizes['flow_matching_steps']} steps), digits dmd2 {sizes['digits_steps']} "
+             f"teacher; flow matching {sizes['flow_matching_steps']} steps, whose EMA weights start both gmm dmd2 "
+             f"generators), digits dmd2 {sizes['digits_steps']} "
              f"steps from a {sizes['digits_teacher_steps']}-step flow-matching teacher; EMA weights, each method's "
              f"own sampler. Floors (exact data): sliced W2 {floors['gmm']['mean']:.4g}, digits FD "
              f"{floors['digits']['mean']:.4g}. {details['mode_coverage']}.", "",
