@@ -27,7 +27,7 @@ from ..atomic import atomic_path, atomic_write_text
 from .components import accepted_keys
 from .help_text import plain_text
 from .config import resolve_config
-from ..analysis.reports import draw_samples, run_ucgm_settings
+from ..analysis.reports import SamplerSpec, draw_samples, effective_settings, run_ucgm_settings
 from .progress import Progress
 from .train import run_training
 from .sample import load_checkpoint_model
@@ -46,16 +46,14 @@ class Recipe:
     tune_overrides: list[str]
     num_samples: int
     metric_name: str
-    samplers: dict[str, dict[str, Optional[dict]]] = field(default_factory=dict)
+    samplers: dict[str, dict[str, dict]] = field(default_factory=dict)
     #: A named recipe of the preset's ``tune_recipes:`` (``ucgm tune --recipe NAME``); ``None``: its ``tune:``.
     tune_recipe: Optional[str] = None
 
 
-#: Sampler settings ``None``: the run's own UCGM-S settings (its ``sampling`` section; for a few-step model the
-#: preset's tune recipe: re-noising steps, a large end gap, no warp or extrapolation). ``{}``: the sampler's
-#: defaults (the multi-step models sample with ucgm's defaults).
-RUN_SETTINGS = None
-
+#: The quickstart's datasets. A sampler's settings apply over the run's own, as in ``ucgm evaluate``: the ``ucgm``
+#: family starts from the run's ``sampling`` section (a few-step model: its tune recipe's re-noising and end gap;
+#: a multi-step model: ucgm's defaults).
 RECIPES: dict[str, Recipe] = {
     "gmm": Recipe(
         preset="gmm",
@@ -69,7 +67,7 @@ RECIPES: dict[str, Recipe] = {
         metric_name="sliced_w2",
         samplers={
             "multi-step": {"ucgm": {}, "euler": {}},
-            "few-step": {"ucgm": RUN_SETTINGS, "euler": {}},
+            "few-step": {"ucgm": {}, "euler": {}},
         },
     ),
     "digits": Recipe(
@@ -81,7 +79,7 @@ RECIPES: dict[str, Recipe] = {
         metric_name="digits_fd",
         samplers={
             "multi-step": {"ucgm": {}, "euler": {}},
-            "few-step": {"ucgm": RUN_SETTINGS, "euler": {}},
+            "few-step": {"ucgm": {}, "euler": {}},
         },
     ),
 }
@@ -129,8 +127,8 @@ def evaluate_pair(name: str, recipe: Recipe, runs: dict[str, Path], out: Path, n
     loaded = {model_name: load_checkpoint_model(path) for model_name, path in runs.items()}
     for model_name, sampler_name, nfe in jobs:
         checkpoint = loaded[model_name]
-        settings = recipe.samplers[model_name][sampler_name]
-        sampler = get_sampler(sampler_name, run_ucgm_settings(checkpoint.config) if settings is None else settings)
+        spec = SamplerSpec(sampler_name, sampler_name, recipe.samplers[model_name][sampler_name])
+        sampler = get_sampler(sampler_name, effective_settings(spec, run_ucgm_settings(checkpoint.config)))
         drawn = draw_samples(checkpoint.model, checkpoint.transport, sampler, nfe, checkpoint.info.data_shape,
                              checkpoint.info.num_classes or 0, recipe.num_samples, seed=0,
                              batch_size=recipe.num_samples, label=sampler_name)
